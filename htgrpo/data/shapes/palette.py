@@ -1,0 +1,93 @@
+"""ShapesWorld's colour palette and world settings.
+
+Palette index 0 is the neutral grey background; indices 1..10 are GenEval's ten colours in GenEval's
+order. The palette image tokenizer uses these indices directly as image codes (one code per cell), which
+is why it is lossless on ShapesWorld scenes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from htgrpo.data.records import GENEVAL_COLORS
+
+BACKGROUND_NAME = "background"
+BACKGROUND_RGB: tuple[int, int, int] = (128, 128, 128)
+"""Neutral grey: not one of GenEval's colours, so it never reads as an object colour."""
+
+COLOR_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (245, 225, 40),
+    "green": (30, 160, 60),
+    "blue": (40, 80, 220),
+    "purple": (130, 50, 180),
+    "pink": (250, 150, 200),
+    "brown": (120, 70, 30),
+    "black": (15, 15, 15),
+    "white": (250, 250, 250),
+}
+
+PALETTE_NAMES: tuple[str, ...] = (BACKGROUND_NAME, *GENEVAL_COLORS)
+"""Name of each palette index: 0 = background, then GenEval's colours."""
+
+PALETTE_RGB: tuple[tuple[int, int, int], ...] = (BACKGROUND_RGB, *(COLOR_RGB[c] for c in GENEVAL_COLORS))
+"""RGB of each palette index."""
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+"""Shape classes of ShapesWorld (the role of GenEval's 80 COCO classes)."""
+
+
+def color_index(name: str) -> int:
+    """Palette index of a colour name (``background`` is 0)."""
+    try:
+        return PALETTE_NAMES.index(name)
+    except ValueError:
+        raise ValueError(f"unknown colour {name!r}; expected one of {PALETTE_NAMES}") from None
+
+
+@dataclass(frozen=True)
+class ShapesWorldConfig:
+    """Geometry of ShapesWorld scenes.
+
+    Attributes:
+        grid_size: cells per side; one image token per cell (default 16 -> 256 tokens).
+        cell_px: pixels per cell side when a scene is rendered to RGB (default 8 -> 128x128 images).
+        shapes: shape classes that prompts may name.
+        min_object_size: smallest object side, in cells. Below 5 cells circle and diamond coincide.
+        max_object_size: largest object side, in cells.
+        small_size: sides <= this count as "small" in dense (DPG-style) prompts.
+        large_size: sides >= this count as "large" in dense prompts.
+    """
+
+    grid_size: int = 16
+    cell_px: int = 8
+    shapes: tuple[str, ...] = SHAPES
+    min_object_size: int = 5
+    max_object_size: int = 7
+    small_size: int = 5
+    large_size: int = 7
+
+    def __post_init__(self) -> None:
+        # Hydra hands lists over as ListConfig; keep the dataclass hashable and immutable.
+        object.__setattr__(self, "shapes", tuple(str(s) for s in self.shapes))
+        if self.grid_size < 8:
+            raise ValueError(f"grid_size must be >= 8, got {self.grid_size}")
+        if self.cell_px < 1:
+            raise ValueError(f"cell_px must be >= 1, got {self.cell_px}")
+        unknown = [s for s in self.shapes if s not in SHAPES]
+        if unknown or not self.shapes:
+            raise ValueError(f"shapes must be a non-empty subset of {SHAPES}, got {self.shapes}")
+        if not (5 <= self.min_object_size <= self.max_object_size <= self.grid_size // 2):
+            raise ValueError(
+                "need 5 <= min_object_size <= max_object_size <= grid_size // 2, got "
+                f"{self.min_object_size}, {self.max_object_size} (grid_size={self.grid_size})"
+            )
+
+    @property
+    def num_cells(self) -> int:
+        return self.grid_size * self.grid_size
+
+    @property
+    def image_px(self) -> int:
+        return self.grid_size * self.cell_px

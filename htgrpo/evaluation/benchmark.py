@@ -1,0 +1,168 @@
+"""A benchmark = a prompt set + the scorer that applies its official rules + how many images per prompt.
+
+The same object drives validation inside ``fit`` (through a torchmetrics metric, DDP-safe) and the
+``evaluate`` entry point (which also writes per-image rows and sample grids).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from htgrpo.config import require
+from htgrpo.data.prompt_sets import PromptSet
+from htgrpo.data.records import BenchmarkPrompt
+from htgrpo.evaluation.metrics import DPGMetric, GenEvalMetric
+
+
+class ImageGenerator(Protocol):
+    """Anything that turns prompts into images: a policy with its sampler, the oracle, random tokens."""
+
+    def generate(self, prompts: Sequence[BenchmarkPrompt], generator: torch.Generator) -> torch.Tensor:
+        """One uint8 image (3, H, W) per prompt, stacked to (B, 3, H, W)."""
+        ...
+
+
+class Benchmark:
+    """A prompt set scored by its benchmark's rules.
+
+    Args:
+        prompts: the prompt set (its ``kind`` says which rules apply: ``geneval`` or ``dpg``).
+        scorer: object with ``score(images, records)``; GenEval scorers return results with ``.correct``,
+            DPG scorers results with ``.score`` and ``.category_scores``.
+        images_per_prompt: images generated and scored per prompt (GenEval's reference script uses 4;
+            DPG-Bench scores 4 crops of a 2×2 grid).
+        batch_size: images per generation batch in ``evaluate``.
+    """
+
+    def __init__(self, prompts: PromptSet, scorer: Any, images_per_prompt: int = 4, batch_size: int = 64):
+        require(int(images_per_prompt) >= 1, "images_per_prompt", f"must be >= 1, got {images_per_prompt}")
+        require(int(batch_size) >= 1, "batch_size", f"must be >= 1, got {batch_size}")
+        self.prompts = prompts
+        self.scorer = scorer
+        self.images_per_prompt = int(images_per_prompt)
+        self.batch_size = int(batch_size)
+
+    @property
+    def name(self) -> str:
+        return self.prompts.name
+
+    @property
+    def kind(self) -> str:
+        return self.prompts.kind
+
+    def make_metric(self) -> GenEvalMetric | DPGMetric:
+        return GenEvalMetric() if self.kind == "geneval" else DPGMetric()
+
+    def score(self, prompts: Sequence[BenchmarkPrompt], images: torch.Tensor,
+              metric: GenEvalMetric | DPGMetric | None = None) -> list[dict[str, Any]]:
+        """Score ``images`` (prompt-major: ``images_per_prompt`` consecutive images per prompt).
+
+        Updates ``metric`` when given and returns one row per image (GenEval's per-image result format).
+        """
+        ipp = self.images_per_prompt
+        if images.shape[0] != len(prompts) * ipp:
+            raise ValueError(f"expected {len(prompts) * ipp} images for {len(prompts)} prompts, got {images.shape[0]}")
+        expanded = [p for p in prompts for _ in range(ipp)]
+        results = self.scorer.score(images, [p.record for p in expanded])
+        rows: list[dict[str, Any]] = []
+        if self.kind == "geneval":
+            for i, (p, r) in enumerate(zip(expanded, results)):
+                rows.append({"key": p.key, "image_index": i % ipp, "tag": p.group, "prompt": p.prompt,
+                             "correct": bool(r.correct), "partial": float(r.partial), "reason": r.reason,
+                             "metadata": p.record.to_json()})
+            if metric is not None:
+                metric.update([p.group for p in expanded], [bool(r.correct) for r in results])
+        else:
+            for j, p in enumerate(prompts):
+                chunk = results[j * ipp:(j + 1) * ipp]
+                for i, r in enumerate(chunk):
+                    rows.append({"item_id": p.key, "image_index": i, "prompt": p.prompt, "score": float(r.score),
+                                 "answers": {str(k): v for k, v in r.gated.items()}})
+                if metric is not None:
+                    metric.update([r.score for r in chunk], [r.category_scores for r in chunk])
+        return rows
+
+
+@dataclass
+class BenchmarkReport:
+    """What one evaluation produced."""
+
+    benchmark: str
+    kind: str
+    scores: dict[str, float]
+    num_images: int
+    num_prompts: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> uint8 images for a grid
+
+    def results_json(self) -> dict[str, Any]:
+        """The results file: GenEval ``{benchmark, overall in [0,1], tasks, num_images}``;
+        DPG ``{benchmark, overall in [0,100], categories, num_prompts}``."""
+        overall = self.scores["overall"]
+        parts = {k: v for k, v in self.scores.items() if k != "overall"}
+        if self.kind == "geneval":
+            return {"benchmark": self.benchmark, "overall": overall, "tasks": parts, "num_images": self.num_images}
+        return {"benchmark": self.benchmark, "overall": overall, "categories": parts, "num_prompts": self.num_prompts}
+
+    def table(self) -> str:
+        """A markdown table in the papers' format (tasks/categories then Overall)."""
+        parts = [(k, v) for k, v in self.scores.items() if k != "overall"]
+        header = "| " + " | ".join([k for k, _ in parts] + ["overall"]) + " |"
+        sep = "|" + "---|" * (len(parts) + 1)
+        fmt = (lambda v: f"{v:.3f}") if self.kind == "geneval" else (lambda v: f"{v:.2f}")
+        row = "| " + " | ".join([fmt(v) for _, v in parts] + [fmt(self.scores["overall"])]) + " |"
+        return "\n".join([f"{self.benchmark} ({self.num_prompts} prompts, {self.num_images} images)", header, sep, row])
+
+
+def run_benchmark(benchmark: Benchmark, image_generator: ImageGenerator, seed: int = 0,
+                  samples_per_group: int = 8, progress: bool = True) -> BenchmarkReport:
+    """Generate ``images_per_prompt`` images for every prompt, score them, and summarise.
+
+    Images are generated in batches of ``benchmark.batch_size`` with one ``torch.Generator`` seeded
+    by ``seed``, so the same policy and seed reproduce the same report.
+    """
+    prompts = benchmark.prompts.prompts
+    ipp = benchmark.images_per_prompt
+    metric = benchmark.make_metric()
+    generator = torch.Generator().manual_seed(int(seed))
+    prompts_per_batch = max(1, benchmark.batch_size // ipp)
+    num_batches = math.ceil(len(prompts) / prompts_per_batch)
+    rows: list[dict[str, Any]] = []
+    samples: dict[str, list[torch.Tensor]] = {}
+    batches = range(num_batches)
+    if progress:
+        from rich.progress import track
+
+        batches = track(batches, description=f"evaluating {benchmark.name}", total=num_batches)
+    for b in batches:
+        chunk = prompts[b * prompts_per_batch:(b + 1) * prompts_per_batch]
+        expanded = [p for p in chunk for _ in range(ipp)]
+        with torch.no_grad():
+            images = image_generator.generate(expanded, generator).cpu()
+        rows.extend(benchmark.score(chunk, images, metric))
+        for j, p in enumerate(chunk):
+            bucket = samples.setdefault(p.group, [])
+            if len(bucket) < samples_per_group * ipp:
+                bucket.extend(images[j * ipp:(j + 1) * ipp])
+    scores = metric.compute()
+    return BenchmarkReport(benchmark=benchmark.name, kind=benchmark.kind, scores=scores,
+                           num_images=len(prompts) * ipp, num_prompts=len(prompts), rows=rows,
+                           samples={g: torch.stack(v) for g, v in samples.items()})
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> Path:
+    """Save uint8 images (B, 3, H, W) as one PNG grid with ``nrow`` images per row."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.float() / 255.0, nrow=nrow, padding=2, pad_value=1.0)
+    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path

@@ -1,0 +1,119 @@
+"""``python -m htgrpo.fit experiment=NAME [key=value ...]`` — train a policy.
+
+The recipe, top to bottom:
+    1. compose the config (Hydra) and seed everything;
+    2. build the world, the validation benchmark, the training prompts, the policy, the sampler and the
+       algorithm's LightningModule — every config error surfaces here, naming its key;
+    3. build callbacks, loggers (TensorBoard by default) and the Lightning Trainer;
+    4. validate before training (``val_start``), ``trainer.fit`` (resuming from ``ckpt_path`` if set),
+       validate after (``val_end``);
+    5. write ``summary.json`` in the run folder and print the before/after table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from htgrpo._hydra import config_dir
+from htgrpo.config import ConfigError, instantiate_node
+
+log = logging.getLogger("htgrpo.fit")
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    callbacks_cfg = cfg.get("callbacks") or {}
+    return [instantiate_node(cfg, f"callbacks.{name}") for name, node in callbacks_cfg.items()
+            if node is not None and "_target_" in node]
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    logger_cfg = cfg.get("logger") or {}
+    return [instantiate_node(cfg, f"logger.{name}") for name, node in logger_cfg.items()
+            if node is not None and "_target_" in node]
+
+
+def _metrics(values: dict[str, Any], prefix: str = "val/") -> dict[str, float]:
+    """Strip the ``val/`` prefix and keep plain floats."""
+    out = {}
+    for key, value in values.items():
+        if key.startswith(prefix):
+            out[key[len(prefix):]] = float(value)
+    return dict(sorted(out.items()))
+
+
+def format_summary_table(val_start: dict[str, float], val_end: dict[str, float]) -> str:
+    """Before/after table of the validation metrics."""
+    keys = sorted(set(val_start) | set(val_end))
+    lines = ["| metric | before | after | change |", "|---|---|---|---|"]
+    for k in keys:
+        a, b = val_start.get(k), val_end.get(k)
+        fa = "-" if a is None else f"{a:.4f}"
+        fb = "-" if b is None else f"{b:.4f}"
+        fd = "-" if a is None or b is None or math.isnan(a) or math.isnan(b) else f"{b - a:+.4f}"
+        lines.append(f"| {k} | {fa} | {fb} | {fd} |")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job from a composed config; returns the summary written to ``summary.json``."""
+    started = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True)
+
+    benchmark = instantiate_node(cfg, "benchmark")
+    datamodule = instantiate_node(cfg, "data", val_prompts=benchmark.prompts)
+    policy = instantiate_node(cfg, "policy")
+    sampler = instantiate_node(cfg, "sampler")
+    module = instantiate_node(cfg, "algorithm", policy=policy, benchmark=benchmark, sampler=sampler)
+    callbacks = build_callbacks(cfg)
+    loggers = build_loggers(cfg)
+    trainer: L.Trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    # Validation prompts are generated/read now, so a bad prompt file fails before any training.
+    log.info("benchmark %s: %d prompts x %d images", benchmark.name, len(benchmark.prompts), benchmark.images_per_prompt)
+
+    val_start: dict[str, float] = {}
+    if cfg.validate_at_start and cfg.ckpt_path is None:
+        val_start = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    val_end: dict[str, float] = {}
+    if cfg.validate_at_end:
+        if getattr(module, "last_validated_step", None) == trainer.global_step:
+            val_end = _metrics(dict(trainer.callback_metrics))
+        else:
+            val_end = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
+
+    summary = {"val_start": val_start, "val_end": val_end, "steps": int(trainer.global_step),
+               "seconds": round(time.perf_counter() - started, 2)}
+    if trainer.is_global_zero:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"\n{cfg.task_name}: {summary['steps']} steps in {summary['seconds']:.0f} s -> {output_dir}")
+        print(format_summary_table(val_start, val_end))
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="fit")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        summary = run(cfg)
+    except ConfigError as err:
+        log.error("configuration error: %s", err)
+        raise SystemExit(f"Configuration error: {err}") from None
+    overall = summary["val_end"].get("geneval/overall", summary["val_end"].get("dpg/overall"))
+    return overall  # the value Hydra sweepers optimise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Samplers for masked-diffusion image generators, recording per token when it was committed and how sure the model was.
+
+Both samplers take either
+
+- a policy with ``guided_image_logits(codes, prompt, guidance_scale)`` (e.g. :class:`MaskedDiffusionPolicy`) and its
+  ``prompt`` (:class:`PromptTokens` or a list of strings), or
+- a plain function ``logits_fn(codes_with_mask (B,N), guidance_scale) -> logits (B,N,C)`` and, as ``prompt``, the
+  initial canvas (B,N) filled with -1.
+
+CFG is ``(1+s)·cond − s·uncond``; policies compute it in ONE batched forward over [cond; uncond] (the uncond half is
+skipped when s = 0). Logits are read only at image positions and only over the image-code columns.
+
+- :func:`maskgit_sample`: MaskGIT confidence sampling as in Lumina-DiMOO / MMaDA (reference §3.7, §5.5).
+- :func:`emerge_sample`: MaskGRPO's ancestral "emerge" sampler (reference §4.1).
+
+``confidence`` and ``entropy`` are read from the guided distribution softmax(logits) (temperature 1) at the step a
+token is committed. All randomness comes from ``generator`` (drawn on its device), so a fixed generator reproduces.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from htgrpo.policies.t2i_layout import MASKED
+
+ImageLogitsFn = Callable[[torch.Tensor, float], torch.Tensor]
+"""(codes_with_mask (B, N) long, guidance_scale) -> guided logits over image codes (B, N, C)."""
+
+
+@dataclass
+class SampledImageTokens:
+    codes: torch.Tensor
+    """(B, N) long image codes."""
+    commit_step: torch.Tensor
+    """(B, N) long: 0-based sampling step at which each token was committed."""
+    confidence: torch.Tensor
+    """(B, N) float: probability of the committed code at commit time."""
+    entropy: torch.Tensor
+    """(B, N) float: predictive entropy (nats) of the position's distribution at commit time."""
+    num_steps: int
+
+    def to(self, device: torch.device | str) -> SampledImageTokens:
+        return SampledImageTokens(
+            self.codes.to(device), self.commit_step.to(device), self.confidence.to(device), self.entropy.to(device),
+            self.num_steps,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedules and noise
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def masked_fraction(ratio: float, schedule: str = "cosine") -> float:
+    """Fraction of tokens still masked after progress ``ratio`` in [0, 1]."""
+    if schedule == "cosine":
+        return math.cos(0.5 * math.pi * ratio)
+    if schedule == "linear":
+        return 1.0 - ratio
+    raise ValueError(f"unknown schedule {schedule!r}; expected 'cosine' or 'linear'")
+
+
+def maskgit_commit_counts(num_tokens: int, num_steps: int, schedule: str = "cosine") -> list[int]:
+    """Tokens committed at each MaskGIT step.
+
+    After step k, keep_n = floor(N·γ((k+1)/T)) stay masked, clipped to [1, masked−1] so every step commits at least
+    one token while any are left, and 0 after the last step. Sums to N.
+    """
+    if num_steps < 1:
+        raise ValueError("num_steps must be >= 1")
+    masked, counts = num_tokens, []
+    for k in range(num_steps):
+        if k == num_steps - 1:
+            keep = 0
+        else:
+            keep = math.floor(num_tokens * masked_fraction((k + 1) / num_steps, schedule))
+            keep = max(1, min(keep, masked - 1))
+        counts.append(masked - keep)
+        masked = keep
+    return counts
+
+
+def _uniform(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    if generator is None:
+        return torch.rand(*shape, device=device)
+    return torch.rand(*shape, generator=generator, device=generator.device).to(device)
+
+
+def _gumbel(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    u = _uniform(shape, generator, device)
+    return -torch.log(-torch.log(u.clamp_min(1e-20)))
+
+
+def _sample_codes(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Gumbel-max sample from softmax(logits / temperature); argmax when temperature == 0."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    return (logits / temperature + _gumbel(logits.shape, generator, logits.device)).argmax(-1)
+
+
+def _resolve(policy: Any, prompt: Any, full_vocab: bool) -> tuple[ImageLogitsFn, torch.Tensor]:
+    """-> (logits_fn(codes, guidance_scale), fully masked initial canvas (B, N))."""
+    if hasattr(policy, "guided_image_logits"):
+        if isinstance(prompt, str) or (isinstance(prompt, Sequence) and not isinstance(prompt, torch.Tensor)):
+            prompt = policy.encode_prompts(list(prompt) if not isinstance(prompt, str) else [prompt])
+        shape = (prompt.batch_size, policy.num_image_tokens)
+        canvas = torch.full(shape, MASKED, dtype=torch.long, device=policy.device)
+
+        def fn(codes: torch.Tensor, s: float) -> torch.Tensor:
+            return policy.guided_image_logits(codes, prompt, s, full_vocab=full_vocab)
+
+        return fn, canvas
+    if callable(policy):
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
+            raise TypeError("with a plain logits_fn, pass the initial canvas (B, N) of -1 as `prompt`")
+        if bool((prompt != MASKED).any()):
+            raise ValueError("the initial canvas must be fully masked (-1)")
+        return policy, prompt.long().clone()
+    raise TypeError(f"expected a policy with guided_image_logits or a logits_fn, got {type(policy).__name__}")
+
+
+def _commit(
+    out: SampledImageTokens, where: torch.Tensor, step: int, sampled: torch.Tensor, logp: torch.Tensor
+) -> None:
+    lp = logp.gather(-1, sampled[..., None]).squeeze(-1)
+    ent = torch.special.entr(logp.exp()).sum(-1)  # -sum p log p, 0 where p == 0
+    out.codes = torch.where(where, sampled, out.codes)
+    out.commit_step = torch.where(where, torch.full_like(out.commit_step, step), out.commit_step)
+    out.confidence = torch.where(where, lp.exp(), out.confidence)
+    out.entropy = torch.where(where, ent, out.entropy)
+
+
+def _empty_record(canvas: torch.Tensor, num_steps: int) -> SampledImageTokens:
+    return SampledImageTokens(
+        codes=canvas,
+        commit_step=torch.full_like(canvas, -1),
+        confidence=torch.zeros(canvas.shape, device=canvas.device),
+        entropy=torch.zeros(canvas.shape, device=canvas.device),
+        num_steps=num_steps,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MaskGIT confidence sampler
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def maskgit_sample(
+    policy: Any,
+    prompt: Any,
+    num_steps: int = 16,
+    guidance_scale: float = 3.0,
+    temperature: float = 1.0,
+    schedule: str = "cosine",
+    generator: torch.Generator | None = None,
+    *,
+    noise_anneal: str = "linear",
+    full_vocab: bool = False,
+) -> SampledImageTokens:
+    """MaskGIT confidence-ordered sampling.
+
+    Step k = 0..T−1: sample a code at every masked position (Gumbel-max at ``temperature``); keep_n positions
+    (:func:`maskgit_commit_counts`) stay masked: those with the lowest ``log p(sampled) + τ_k·Gumbel``; the other
+    masked positions are committed. ``noise_anneal`` sets τ_k: ``"linear"`` τ·(1−(k+1)/T) (MaskGIT), ``"compound"``
+    the product of those factors (MMaDA's in-place quirk), ``"none"`` τ (Lumina-DiMOO).
+    ``full_vocab`` (policies only) computes full-vocabulary logits at all positions: a reference path for benchmarks.
+    """
+    fn, canvas = _resolve(policy, prompt, full_vocab)
+    B, N = canvas.shape
+    out = _empty_record(canvas, num_steps)
+    counts = maskgit_commit_counts(N, num_steps, schedule)
+    masked_left, tau = N, float(temperature)
+    for k in range(num_steps):
+        ratio = (k + 1) / num_steps
+        if noise_anneal == "linear":
+            tau = temperature * (1.0 - ratio)
+        elif noise_anneal == "compound":
+            tau = tau * (1.0 - ratio)
+        elif noise_anneal == "none":
+            tau = temperature
+        else:
+            raise ValueError(f"unknown noise_anneal {noise_anneal!r}")
+        if counts[k] == 0:
+            continue
+        logp = torch.log_softmax(fn(out.codes, guidance_scale).float(), dim=-1)
+        sampled = _sample_codes(logp, temperature, generator)
+        is_masked = out.codes == MASKED
+        keep = masked_left - counts[k]
+        if keep == 0:
+            commit = is_masked
+        else:
+            score = logp.gather(-1, sampled[..., None]).squeeze(-1)
+            if tau > 0:
+                score = score + tau * _gumbel((B, N), generator, score.device)
+            score = score.masked_fill(~is_masked, math.inf)
+            stay = torch.zeros_like(is_masked).scatter_(1, score.topk(keep, dim=1, largest=False).indices, True)
+            commit = is_masked & ~stay
+        _commit(out, commit, k, sampled, logp)
+        masked_left = keep
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MaskGRPO "emerge" (ancestral) sampler
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def emerge_sample(
+    policy: Any,
+    prompt: Any,
+    num_steps: int = 12,
+    guidance_scale: float = 3.0,
+    temperature: float = 1.0,
+    schedule: str = "cosine",
+    generator: torch.Generator | None = None,
+    *,
+    full_vocab: bool = False,
+) -> SampledImageTokens:
+    """Ancestral sampling of the masked diffusion (MaskGRPO's ``t2i_generate_emerge``).
+
+    Step k: κ_t = γ(k/T), κ_s = γ((k+1)/T). Each masked position stays masked with probability κ_s/κ_t, otherwise it
+    takes a code sampled from softmax(logits / temperature) of the (CFG) logits; the last step commits everything.
+    Not confidence-ordered; the number committed per step is random. Steps where nothing unmasks skip the forward.
+    """
+    fn, canvas = _resolve(policy, prompt, full_vocab)
+    B, N = canvas.shape
+    out = _empty_record(canvas, num_steps)
+    for k in range(num_steps):
+        is_masked = out.codes == MASKED
+        if k == num_steps - 1:
+            unmask = is_masked
+        else:
+            kappa_t = masked_fraction(k / num_steps, schedule)
+            kappa_s = masked_fraction((k + 1) / num_steps, schedule)
+            stay_prob = kappa_s / kappa_t if kappa_t > 0 else 0.0
+            unmask = is_masked & (_uniform((B, N), generator, canvas.device) >= stay_prob)
+        if not bool(unmask.any()):
+            continue
+        logp = torch.log_softmax(fn(out.codes, guidance_scale).float(), dim=-1)
+        sampled = _sample_codes(logp, temperature, generator)
+        _commit(out, unmask, k, sampled, logp)
+    return out

@@ -1,0 +1,183 @@
+"""MMaDA's text-to-image token sequence (reference/htgrpo_mmada_dimoo.md §3.4, §3.6):
+
+    [pad]*k  <t2i> <bos> text… <eos>  <soi>  N × image  <eoi>
+    |------ prefix: max_text_len + 3, left-padded ------|       |
+
+Image tokens are ``code + image_token_offset``; masked image tokens are ``mask``. The attention mask is 0 on pads.
+``T2ISequenceLayout.mmada()`` has MMaDA's real ids; ``T2ISequenceLayout.toy()`` lays out a small vocabulary:
+text tokenizer ids, then ``<t2i> <soi> <eoi> <mask>``, then the image codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+LAYOUT_FILE = "t2i_layout.json"
+MASKED = -1
+"""Image-code value meaning "still masked" in (B, N) code tensors."""
+
+
+@dataclass(frozen=True)
+class T2ISequenceLayout:
+    """Token ids and sizes of the text-to-image sequence.
+
+    ``max_text_len`` counts text tokens only (between <bos> and <eos>): the prefix is max_text_len + 3 long.
+    MMaDA's ``max_text_len: L`` setting corresponds to L - 2 here (its prefix is L + 1 = <t2i> <bos> text <eos>).
+    """
+
+    pad: int
+    t2i: int
+    bos: int
+    eos: int
+    soi: int
+    eoi: int
+    mask: int
+    image_token_offset: int
+    codebook_size: int
+    num_image_tokens: int
+    max_text_len: int
+
+    # -- constructors -------------------------------------------------------------------------------------------
+    @classmethod
+    def toy(
+        cls, text_tokenizer: Any, codebook_size: int, num_image_tokens: int, max_text_len: int
+    ) -> T2ISequenceLayout:
+        """Toy vocabulary: [text tokenizer ids] <t2i> <soi> <eoi> <mask> [codebook_size image codes]."""
+        v = int(text_tokenizer.vocab_size)
+        return cls(
+            pad=int(text_tokenizer.pad_token_id),
+            t2i=v,
+            bos=int(text_tokenizer.bos_token_id),
+            eos=int(text_tokenizer.eos_token_id),
+            soi=v + 1,
+            eoi=v + 2,
+            mask=v + 3,
+            image_token_offset=v + 4,
+            codebook_size=int(codebook_size),
+            num_image_tokens=int(num_image_tokens),
+            max_text_len=int(max_text_len),
+        )
+
+    @classmethod
+    def mmada(cls, num_image_tokens: int = 1024, max_text_len: int = 254) -> T2ISequenceLayout:
+        """MMaDA-8B's ids. Defaults: 512px (32x32 codes); max_text_len 254 = MMaDA/MaskGRPO's L = 256 (length 1283)."""
+        return cls(
+            pad=126093,  # [iPAD]
+            t2i=126088,
+            bos=126080,
+            eos=126081,
+            soi=126084,
+            eoi=126085,
+            mask=126336,
+            image_token_offset=126349,
+            codebook_size=8192,
+            num_image_tokens=int(num_image_tokens),
+            max_text_len=int(max_text_len),
+        )
+
+    # -- geometry -----------------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Smallest vocabulary holding every id of this layout (the LM head may be wider)."""
+        specials = (self.pad, self.t2i, self.bos, self.eos, self.soi, self.eoi, self.mask)
+        return max(self.image_token_offset + self.codebook_size, max(specials) + 1)
+
+    @property
+    def prefix_len(self) -> int:
+        return self.max_text_len + 3
+
+    @property
+    def seq_len(self) -> int:
+        return self.prefix_len + self.num_image_tokens + 2
+
+    @property
+    def image_positions(self) -> slice:
+        """Positions of the N image tokens in the sequence (between <soi> and <eoi>)."""
+        start = self.prefix_len + 1
+        return slice(start, start + self.num_image_tokens)
+
+    @property
+    def image_columns(self) -> slice:
+        """LM-head columns of the image codes."""
+        return slice(self.image_token_offset, self.image_token_offset + self.codebook_size)
+
+    # -- building sequences -------------------------------------------------------------------------------------
+    def prefix(
+        self, text_ids: torch.Tensor, text_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text tokens (B, L) (valid where text_mask = 1, any padding side) -> left-padded
+        ``[pad]* <t2i> <bos> text <eos>`` (B, prefix_len) and its attention mask. Longer texts keep their start."""
+        if text_mask is None:
+            text_mask = torch.ones_like(text_ids)
+        B, P = text_ids.shape[0], self.prefix_len
+        ids = torch.full((B, P), self.pad, dtype=torch.long, device=text_ids.device)
+        mask = torch.zeros((B, P), dtype=torch.long, device=text_ids.device)
+        keep = text_mask.to(torch.bool)
+        for b in range(B):
+            words = text_ids[b][keep[b]][: self.max_text_len]
+            row = torch.cat([text_ids.new_tensor([self.t2i, self.bos]), words, text_ids.new_tensor([self.eos])])
+            ids[b, P - row.numel() :] = row
+            mask[b, P - row.numel() :] = 1
+        return ids, mask
+
+    def image_ids(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N) codes with -1 = masked -> vocabulary ids (code + offset, or the mask id)."""
+        if image_tokens.shape[-1] != self.num_image_tokens:
+            raise ValueError(f"expected {self.num_image_tokens} image tokens, got {image_tokens.shape[-1]}")
+        masked = image_tokens < 0
+        return torch.where(masked, torch.full_like(image_tokens, self.mask), image_tokens + self.image_token_offset)
+
+    def build(
+        self, text_ids: torch.Tensor, text_mask: torch.Tensor | None, image_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full sequence (B, seq_len) and attention mask for text tokens and (B, N) image codes (-1 = masked)."""
+        pre_ids, pre_mask = self.prefix(text_ids, text_mask)
+        return self.build_from_prefix(pre_ids, pre_mask, image_tokens)
+
+    def build_from_prefix(
+        self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, image_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`build` with an already built prefix (reuse it across sampling steps)."""
+        B = image_tokens.shape[0]
+        if prefix_ids.shape[0] != B:
+            raise ValueError(f"prefix batch {prefix_ids.shape[0]} != image batch {B}")
+        dev = image_tokens.device
+        soi = torch.full((B, 1), self.soi, dtype=torch.long, device=dev)
+        eoi = torch.full((B, 1), self.eoi, dtype=torch.long, device=dev)
+        ids = torch.cat([prefix_ids.to(dev), soi, self.image_ids(image_tokens.long()), eoi], dim=1)
+        ones = torch.ones((B, self.num_image_tokens + 2), dtype=torch.long, device=dev)
+        mask = torch.cat([prefix_mask.to(dev), ones], dim=1)
+        return ids, mask
+
+    def uncond_text(self, batch: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty text for ``batch`` rows: (ids, mask) of shape (batch, max_text_len), all padding, so that
+        :meth:`build` yields the unconditional prompt ``[pad]* <t2i> <bos> <eos>`` of the same length."""
+        ids = torch.full((batch, self.max_text_len), self.pad, dtype=torch.long, device=device)
+        return ids, torch.zeros_like(ids)
+
+    # -- persistence --------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> T2ISequenceLayout:
+        names = {f.name for f in fields(cls)}
+        missing = names - set(d)
+        if missing:
+            raise ValueError(f"layout dict is missing {sorted(missing)}")
+        return cls(**{k: int(d[k]) for k in names})
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, LAYOUT_FILE), "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> T2ISequenceLayout:
+        with open(os.path.join(directory, LAYOUT_FILE)) as f:
+            return cls.from_dict(json.load(f))

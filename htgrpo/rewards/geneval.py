@@ -1,0 +1,234 @@
+"""GenEval's scoring rules (djghosh13/geneval, ``evaluation/evaluate_images.py`` + ``summary_scores.py``).
+
+The rules only need detections (class, score, box, colour), so the same functions score ShapesWorld's
+rule-based detector and a real Mask2Former + CLIP pipeline. Each rule is a small pure function:
+
+* ``filter_detections``: per class keep ``score > 0.3`` (``> 0.9`` on counting prompts), best first,
+  at most 16 per class.
+* ``relative_position``: GenEval's position rule with its 0.1 margin.
+* ``evaluate_geneval``: include requirements AND-ed (at-least-N count, colour of the top-N, position vs an
+  earlier matched group), exclude requirements (fail at ``>= count``); plus a dense partial-credit score.
+* ``summarize_geneval``: per-task mean, overall = unweighted mean of the task means.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+from htgrpo.data.records import GENEVAL_RELATIONS, GenEvalRecord, GenEvalRequirement, MetadataError
+from htgrpo.rewards.detection import Detection
+
+
+@dataclass(frozen=True)
+class GenEvalThresholds:
+    """GenEval's evaluation options (``--options``) with their official defaults.
+
+    Attributes:
+        score: keep detections with confidence strictly above this (``threshold``, 0.3).
+        counting_score: the same for ``counting`` prompts (``counting_threshold``, 0.9).
+        max_objects: keep at most this many detections per class, best first (``max_objects``, 16).
+        position_margin: per-axis offset shrink factor of the position rule (``position_threshold``, 0.1).
+    """
+
+    score: float = 0.3
+    counting_score: float = 0.9
+    max_objects: int = 16
+    position_margin: float = 0.1
+
+
+@dataclass(frozen=True)
+class GenEvalImageResult:
+    """Verdict for one image.
+
+    Attributes:
+        correct: GenEval's binary verdict (every include rule holds and no exclude rule fires).
+        partial: dense partial credit in [0, 1] (see ``evaluate_geneval``); 1.0 exactly iff ``correct``.
+        reason: newline-joined failure reasons in GenEval's wording ("" when correct).
+    """
+
+    correct: bool
+    partial: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class GenEvalSummary:
+    """Benchmark summary: ``overall`` = unweighted mean of ``tasks`` (per-task mean correctness)."""
+
+    overall: float
+    tasks: dict[str, float] = field(default_factory=dict)
+    num_images: int = 0
+
+
+def filter_detections(
+    detections: Iterable[Detection], tag: str, thresholds: GenEvalThresholds = GenEvalThresholds()
+) -> dict[str, list[Detection]]:
+    """Group detections by class the way GenEval does before applying its rules.
+
+    Rule: keep a detection if its score is strictly greater than ``thresholds.score`` (0.3), or
+    ``thresholds.counting_score`` (0.9) when ``tag == "counting"``; sort each class by score, highest
+    first (stable); keep the top ``thresholds.max_objects`` (16) per class. (GenEval's same-class NMS uses
+    ``max_overlap = 1.0``, i.e. it never suppresses anything, so there is no NMS here.)
+    """
+    thr = thresholds.counting_score if tag == "counting" else thresholds.score
+    by_class: dict[str, list[Detection]] = {}
+    for det in detections:
+        if det.score > thr:
+            by_class.setdefault(det.label, []).append(det)
+    for cls, dets in by_class.items():
+        dets.sort(key=lambda d: -d.score)
+        by_class[cls] = dets[: thresholds.max_objects]
+    return by_class
+
+
+def relative_position(a: Detection, b: Detection, margin: float = 0.1) -> set[str]:
+    """GenEval's relations of ``a`` relative to ``b`` (image y grows downward).
+
+    Rule: ``offset = centre(a) - centre(b)``; per axis shrink ``|offset|`` by ``margin * (size_a + size_b)``
+    on that axis (widths for x, heights for y), clamp at 0 and keep the sign. If both revised components are
+    ~0 (< 1e-3) no relation holds. Otherwise divide the revised offset by the *raw* centre distance
+    ``(dx, dy)``: ``left of`` if ``dx < -0.5``, ``right of`` if ``dx > 0.5``, ``above`` if ``dy < -0.5``,
+    ``below`` if ``dy > 0.5``. Several can hold at once (diagonals).
+    """
+    (ax, ay), (bx, by) = a.center, b.center
+    (aw, ah), (bw, bh) = a.size, b.size
+    off = (ax - bx, ay - by)
+    dims = (abs(aw) + abs(bw), abs(ah) + abs(bh))
+    revised = [math.copysign(max(abs(o) - margin * d, 0.0), o) for o, d in zip(off, dims)]
+    if all(abs(r) < 1e-3 for r in revised):
+        return set()
+    norm = math.hypot(*off)
+    dx, dy = revised[0] / norm, revised[1] / norm
+    rels: set[str] = set()
+    if dx < -0.5:
+        rels.add("left of")
+    if dx > 0.5:
+        rels.add("right of")
+    if dy < -0.5:
+        rels.add("above")
+    if dy > 0.5:
+        rels.add("below")
+    return rels
+
+
+def _check_requirement(req: GenEvalRequirement, index: int) -> None:
+    if req.count < 1:
+        raise MetadataError(f"include[{index}] ({req.cls}): count must be >= 1, got {req.count}")
+    if req.position is not None:
+        rel, target = req.position
+        if rel not in GENEVAL_RELATIONS:
+            raise MetadataError(f"include[{index}] ({req.cls}): unknown relation {rel!r}; expected one of {GENEVAL_RELATIONS}")
+        if not (0 <= target < index):
+            raise MetadataError(
+                f"include[{index}] ({req.cls}): position target {target} must index an earlier include entry"
+            )
+
+
+def evaluate_geneval(
+    detections: Iterable[Detection] | Mapping[str, Sequence[Detection]],
+    record: GenEvalRecord,
+    thresholds: GenEvalThresholds = GenEvalThresholds(),
+) -> GenEvalImageResult:
+    """GenEval's verdict for one image, plus a dense partial credit.
+
+    ``detections`` is the detector's raw list (filtered here with ``filter_detections``) or an already
+    filtered ``{class: [detections]}`` mapping.
+
+    Official rules (AND-ed over ``record.include``, in order):
+
+    1. take the top-``count`` detections of the class; fail if fewer than ``count`` (at least N);
+    2. colour (if given): fail unless at least ``count`` of those have the colour, i.e. all of the top-N
+       (a lower-scoring, wrongly coloured extra object is ignored);
+    3. position ``[rel, t]`` (if given, and only if 1-2 passed): fail if include ``t`` did not match;
+       else every kept object must be ``rel`` of every object kept for ``t`` (``relative_position``);
+    4. the requirement's group is recorded as matched (its kept objects) or None.
+
+    Then every ``exclude`` requirement fails the image if ``count`` or more of its class are detected
+    (this gives counting its exact-N semantics together with at-least-N from include).
+
+    Partial credit (not part of GenEval; a dense RL reward): the mean over include requirements of
+    ``min(found, count) / count``, times the fraction of kept objects with the right colour (if a colour is
+    required), times the fraction of (kept object, target object) pairs in the right relation (if a position
+    is required; the target's kept objects are used even if the target failed, 0 when it has none); the
+    mean is halved if any exclude rule fires. It equals 1.0 exactly when the image is correct.
+    """
+    objects = (
+        {k: list(v) for k, v in detections.items()}
+        if isinstance(detections, Mapping)
+        else filter_detections(detections, record.tag, thresholds)
+    )
+    correct = True
+    reasons: list[str] = []
+    matched_groups: list[list[Detection] | None] = []
+    kept_groups: list[list[Detection]] = []
+    scores: list[float] = []
+    for i, req in enumerate(record.include):
+        _check_requirement(req, i)
+        found = objects.get(req.cls, [])[: req.count]
+        kept_groups.append(found)
+        matched = True
+        score = min(len(found), req.count) / req.count
+        if len(found) < req.count:
+            correct = matched = False
+            reasons.append(f"expected {req.cls}>={req.count}, found {len(found)}")
+        elif req.color is not None:
+            n_right = sum(1 for d in found if d.color == req.color)
+            if n_right < req.count:
+                correct = matched = False
+                reasons.append(f"expected {req.color} {req.cls}>={req.count}, found {n_right} {req.color}")
+        if req.color is not None:
+            score *= (sum(1 for d in found if d.color == req.color) / len(found)) if found else 0.0
+        if req.position is not None:
+            rel, target = req.position
+            if matched:
+                if matched_groups[target] is None:
+                    correct = matched = False
+                    reasons.append(f"no target for {req.cls} to be {rel}")
+                else:
+                    for obj in found:
+                        for tgt in matched_groups[target]:
+                            true_rels = relative_position(obj, tgt, thresholds.position_margin)
+                            if rel not in true_rels:
+                                correct = matched = False
+                                reasons.append(
+                                    f"expected {req.cls} {rel} target, found {' and '.join(sorted(true_rels)) or 'no relation'}"
+                                )
+                                break
+                        if not matched:
+                            break
+            targets = kept_groups[target]
+            pairs = [(o, t) for o in found for t in targets]
+            frac = (
+                sum(1 for o, t in pairs if rel in relative_position(o, t, thresholds.position_margin)) / len(pairs)
+                if pairs
+                else 0.0
+            )
+            score *= frac
+        scores.append(score)
+        matched_groups.append(found if matched else None)
+    exclude_failed = False
+    for req in record.exclude:
+        n = len(objects.get(req.cls, []))
+        if n >= req.count:
+            correct = False
+            exclude_failed = True
+            reasons.append(f"expected {req.cls}<{req.count}, found {n}")
+    partial = sum(scores) / len(scores) if scores else 1.0
+    if exclude_failed:
+        partial *= 0.5
+    return GenEvalImageResult(correct=correct, partial=float(partial), reason="\n".join(reasons))
+
+
+def summarize_geneval(tags: Sequence[str], correct: Sequence[bool]) -> GenEvalSummary:
+    """GenEval's summary: per-task score = mean of ``correct`` over that task's images; ``overall`` = the
+    unweighted mean of the task scores present (not the mean over images)."""
+    if len(tags) != len(correct):
+        raise ValueError(f"got {len(tags)} tags but {len(correct)} verdicts")
+    sums: dict[str, list[float]] = {}
+    for tag, ok in zip(tags, correct):
+        sums.setdefault(tag, []).append(1.0 if ok else 0.0)
+    tasks = {t: sum(v) / len(v) for t, v in sums.items()}
+    overall = sum(tasks.values()) / len(tasks) if tasks else 0.0
+    return GenEvalSummary(overall=overall, tasks=tasks, num_images=len(tags))
