@@ -28,6 +28,10 @@ class SamplerSettings:
         guidance_scale: CFG scale s in ``(1+s)·cond − s·uncond``; 0 disables the unconditional pass.
         temperature: Gumbel temperature of the sampled codes / confidence noise.
         schedule: mask schedule (``cosine``).
+        noise_anneal: MaskGIT only: how the confidence noise decays over steps: ``linear`` (MaskGIT:
+            temperature·(1 − k/T)), ``compound`` (MMaDA's in-place quirk) or ``none`` (Lumina-DiMOO).
+        choice_temperature: MaskGIT only: scale of the Gumbel noise on the confidences that order the
+            commits; None uses ``temperature`` (as MMaDA/DiMOO do). MaskGIT's own default is 4.5.
     """
 
     name: str = "maskgit"
@@ -35,6 +39,8 @@ class SamplerSettings:
     guidance_scale: float = 2.0
     temperature: float = 1.0
     schedule: str = "cosine"
+    noise_anneal: str = "linear"
+    choice_temperature: float | None = None
 
     def __post_init__(self) -> None:
         require_choice(self.name, SAMPLERS, "name")
@@ -42,6 +48,9 @@ class SamplerSettings:
         require(float(self.guidance_scale) >= 0, "guidance_scale", f"must be >= 0, got {self.guidance_scale}")
         require(float(self.temperature) >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         require_choice(self.schedule, ("cosine",), "schedule")
+        require_choice(self.noise_anneal, ("linear", "compound", "none"), "noise_anneal")
+        require(self.choice_temperature is None or float(self.choice_temperature) >= 0, "choice_temperature",
+                f"must be >= 0 or null, got {self.choice_temperature}")
 
     def sample(self, policy, prompt_tokens, generator: torch.Generator | None = None):
         """Run the configured sampler; returns ``SampledImageTokens``."""
@@ -50,6 +59,9 @@ class SamplerSettings:
         fn = maskgit_sample if self.name == "maskgit" else emerge_sample
         kwargs = dict(num_steps=int(self.num_steps), guidance_scale=float(self.guidance_scale), generator=generator)
         if self.name == "maskgit":
+            kwargs.update(temperature=float(self.temperature), schedule=self.schedule, noise_anneal=self.noise_anneal,
+                          choice_temperature=self.choice_temperature)
+        else:
             kwargs.update(temperature=float(self.temperature), schedule=self.schedule)
         return fn(policy, prompt_tokens, **kwargs)
 
@@ -106,8 +118,8 @@ class RandomTokenPolicy:
 
 
 def build_masked_diffusion_policy(world: ShapesWorldConfig, init: str = "scratch", pretrained_path: str | None = None,
-                                  d_model: int = 128, n_layers: int = 4, n_heads: int = 4, mlp_ratio: float = 3.0,
-                                  max_text_len: int = 64, rope_theta: float = 10000.0):
+                                  d_model: int = 64, n_layers: int = 4, n_heads: int = 4, mlp_ratio: float = 3.0,
+                                  max_text_len: int = 40, rope_theta: float = 10000.0):
     """Build the ShapesWorld masked-diffusion (LLaDA-architecture) policy.
 
     Args:

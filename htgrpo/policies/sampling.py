@@ -161,6 +161,7 @@ def maskgit_sample(
     generator: torch.Generator | None = None,
     *,
     noise_anneal: str = "linear",
+    choice_temperature: float | None = None,
     full_vocab: bool = False,
 ) -> SampledImageTokens:
     """MaskGIT confidence-ordered sampling.
@@ -168,22 +169,24 @@ def maskgit_sample(
     Step k = 0..T−1: sample a code at every masked position (Gumbel-max at ``temperature``); keep_n positions
     (:func:`maskgit_commit_counts`) stay masked: those with the lowest ``log p(sampled) + τ_k·Gumbel``; the other
     masked positions are committed. ``noise_anneal`` sets τ_k: ``"linear"`` τ·(1−(k+1)/T) (MaskGIT), ``"compound"``
-    the product of those factors (MMaDA's in-place quirk), ``"none"`` τ (Lumina-DiMOO).
+    the product of those factors (MMaDA's in-place quirk), ``"none"`` τ (Lumina-DiMOO). τ is ``choice_temperature``
+    when given (MaskGIT's own default is 4.5), else ``temperature`` (MMaDA and DiMOO use one temperature for both).
     ``full_vocab`` (policies only) computes full-vocabulary logits at all positions: a reference path for benchmarks.
     """
     fn, canvas = _resolve(policy, prompt, full_vocab)
     B, N = canvas.shape
     out = _empty_record(canvas, num_steps)
     counts = maskgit_commit_counts(N, num_steps, schedule)
-    masked_left, tau = N, float(temperature)
+    base_tau = float(temperature if choice_temperature is None else choice_temperature)
+    masked_left, tau = N, base_tau
     for k in range(num_steps):
         ratio = (k + 1) / num_steps
         if noise_anneal == "linear":
-            tau = temperature * (1.0 - ratio)
+            tau = base_tau * (1.0 - ratio)
         elif noise_anneal == "compound":
             tau = tau * (1.0 - ratio)
         elif noise_anneal == "none":
-            tau = temperature
+            tau = base_tau
         else:
             raise ValueError(f"unknown noise_anneal {noise_anneal!r}")
         if counts[k] == 0:
