@@ -95,7 +95,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         else:
             val_end = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
 
-    summary = {"val_start": val_start, "val_end": val_end, "steps": int(trainer.global_step),
+    summary = {"val_start": val_start, "val_end": val_end, "steps": int(getattr(module, "training_steps_done", trainer.global_step)),
                "seconds": round(time.perf_counter() - started, 2)}
     if trainer.is_global_zero:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -28,6 +28,10 @@ def test_there_are_experiments():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(experiment, compose, tmp_path):
     cfg = _tmp_paths(compose("fit", [f"experiment={experiment}", *TINY]), tmp_path)
+    if cfg.policy.get("init") == "pretrained":
+        # RL experiments start from the warm-start export; its absence is tested below.
+        with open_dict(cfg):
+            cfg.policy.init = "scratch"
     OmegaConf.resolve(cfg)  # every interpolation resolves
     benchmark = instantiate_node(cfg, "benchmark")
     assert len(benchmark.prompts) > 0
@@ -101,3 +105,11 @@ def test_official_prompt_sets_load_from_a_given_path(compose, tmp_path, shared_d
     cfg = _tmp_paths(compose("fit", ["data=dpg", f"data.train.prompts_path={shared_data / 'dpg_bench' / 'prompts'}"]), tmp_path)
     dm = instantiate_node(cfg, "data")
     assert len(dm.train_dataset()) == 1065
+
+
+def test_missing_warm_start_names_the_key_and_the_fix(compose, tmp_path):
+    cfg = _tmp_paths(compose("fit", ["experiment=shapes_ht", *TINY]), tmp_path)
+    with pytest.raises(ConfigError) as err:
+        instantiate_node(cfg, "policy")
+    assert "policy.pretrained_path" in str(err.value)
+    assert "experiment=shapes_pretrain" in str(err.value)

@@ -51,6 +51,10 @@ class PolicyModule(L.LightningModule):
         # Same noise every validation (offset by rank so ranks draw different images).
         self._val_generator = torch.Generator().manual_seed(self.val_seed + 1000 * self.global_rank)
         self.last_val_images = None
+        if self.val_metric is not None:
+            # Fresh states created under the current grad mode: a trainer.validate() before fit runs in
+            # inference mode, and its tensors could not be updated in place by fit's (no-grad) validation loop.
+            self.val_metric.reset()
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         if self.benchmark is None or self.val_metric is None:

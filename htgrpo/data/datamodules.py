@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from htgrpo.config import require
 from htgrpo.data.prompt_sets import PromptSet, ShapesPromptStream, StreamItem
@@ -73,6 +73,37 @@ class _PromptSetDataset(Dataset):
         return StreamItem(index=index, prompt=self.prompts[index], image=None)
 
 
+class ResumableSampler(Sampler[int]):
+    """Indices of one epoch, in order (streams) or in a permutation seeded by (seed, epoch) (prompt sets),
+    starting after ``start`` already-consumed examples.
+
+    The permutation depends only on (seed, epoch), never on how many epochs this process has run, and ``start``
+    skips what a resumed run already trained on: together they give exact resume (Lightning does not fast-forward
+    a plain DataLoader).
+    """
+
+    def __init__(self, length: int, shuffle: bool, seed: int, epoch: int = 0, start: int = 0):
+        self.length, self.shuffle, self.seed = int(length), bool(shuffle), int(seed)
+        self.epoch, self.start = int(epoch), int(start)
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning at each epoch start
+        if int(epoch) != self.epoch:
+            self.start = 0  # skipping applies to the epoch a run resumed in only
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+            order_list = order.tolist()
+        else:
+            order_list = range(self.length)
+        for i in range(self.start, self.length):
+            yield int(order_list[i])
+
+    def __len__(self) -> int:
+        return self.length - self.start
+
+
 class PromptDataModule(L.LightningDataModule):
     """Prompts for training and the benchmark's prompts for validation.
 
@@ -103,21 +134,32 @@ class PromptDataModule(L.LightningDataModule):
             return _StreamDataset(self.train_source, self.train_length)
         return _PromptSetDataset(self.train_source)
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler[int] | None = None) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                           num_workers=self.num_workers, collate_fn=collate_prompts,
                           persistent_workers=self.num_workers > 0)
 
+    def _resume_position(self) -> tuple[int, int]:
+        """(epoch, examples already consumed in it) of a run restored from a checkpoint; (0, 0) otherwise."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 0
+        loop = trainer.fit_loop
+        done = int(loop.epoch_loop.batch_progress.current.completed) if loop.restarting else 0
+        return int(trainer.current_epoch), done * self.batch_size
+
     def train_dataloader(self) -> DataLoader:
-        # A stream is already random per index; a prompt set is reshuffled each epoch.
+        # A stream is already random per index; a prompt set is reshuffled each epoch with a (seed, epoch) permutation.
+        dataset = self.train_dataset()
+        epoch, start = self._resume_position()
         shuffle = not isinstance(self.train_source, ShapesPromptStream)
-        return self._loader(self.train_dataset(), self.batch_size, shuffle)
+        sampler = ResumableSampler(len(dataset), shuffle, self.seed, epoch=epoch, start=start)
+        return self._loader(dataset, self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_prompts is None:
             raise RuntimeError("PromptDataModule has no validation prompts (fit passes the benchmark's)")
-        return self._loader(_PromptSetDataset(self.val_prompts), self.val_batch_size, shuffle=False)
+        return self._loader(_PromptSetDataset(self.val_prompts), self.val_batch_size)
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed}

@@ -119,7 +119,8 @@ class RandomTokenPolicy:
 
 def build_masked_diffusion_policy(world: ShapesWorldConfig, init: str = "scratch", pretrained_path: str | None = None,
                                   d_model: int = 64, n_layers: int = 4, n_heads: int = 4, mlp_ratio: float = 3.0,
-                                  max_text_len: int = 40, rope_theta: float = 10000.0):
+                                  max_text_len: int = 40, rope_theta: float = 10000.0,
+                                  grid_position_embedding: bool = True):
     """Build the ShapesWorld masked-diffusion (LLaDA-architecture) policy.
 
     Args:
@@ -128,6 +129,8 @@ def build_masked_diffusion_policy(world: ShapesWorldConfig, init: str = "scratch
         pretrained_path: a folder written by ``MaskedDiffusionPolicy.save_pretrained`` (the warm start
             writes ``${paths.artifacts_dir}/shapes_llada_warmstart``).
         d_model, n_layers, n_heads, mlp_ratio, max_text_len, rope_theta: size of a scratch policy.
+        grid_position_embedding: learned row/column embeddings on the image tokens of a scratch policy (a toy-model
+            extension of LLaDA; see ``LLaDAConfig.image_grid``).
     """
     from htgrpo.data.shapes.prompts import VOCABULARY
     from htgrpo.policies.masked_diffusion import MaskedDiffusionPolicy
@@ -148,7 +151,8 @@ def build_masked_diffusion_policy(world: ShapesWorldConfig, init: str = "scratch
     return MaskedDiffusionPolicy.toy(world, list(VOCABULARY), d_model=int(d_model), n_layers=int(n_layers),
                                      n_heads=int(n_heads), mlp_hidden_size=int(round(float(mlp_ratio) * int(d_model))),
                                      max_text_len=int(max_text_len),
-                                     rope_theta=float(rope_theta))
+                                     rope_theta=float(rope_theta),
+                                     grid_position_embedding=bool(grid_position_embedding))
 
 
 def as_image_generator(policy, sampler: SamplerSettings):

@@ -76,6 +76,11 @@ class LLaDAConfig(PreTrainedConfig):
     eos_token_id: int | None = None
     """LLaDA-8B: 126081."""
     init_std: float = 0.02
+    image_grid: list[int] | None = None
+    """Toy-model extension, not in LLaDA/MMaDA (None there): ``[offset, rows, cols]`` adds learned row and column
+    embeddings (``model.transformer.grid_row`` / ``grid_col``) to the token embeddings of the rows x cols image tokens
+    that start at sequence position ``offset``. 1D RoPE alone makes a tiny model spend most of a CPU warm start
+    discovering that token i+cols sits below token i; this hands it the 2D layout."""
     # Architecture switches of LLaDA/OLMo; only these values are implemented (checked in LLaDAModelLM.__init__).
     activation_type: str = "silu"
     block_type: str = "llama"
@@ -208,6 +213,10 @@ class LLaDAModel(nn.Module):
             "blocks": nn.ModuleList(LLaDABlock(config) for _ in range(config.n_layers)),
             "ln_f": LlamaRMSNorm(config.d_model, eps=config.rms_norm_eps),
         }
+        if config.image_grid is not None:
+            _, rows, cols = (int(v) for v in config.image_grid)
+            modules["grid_row"] = nn.Embedding(rows, config.d_model)
+            modules["grid_col"] = nn.Embedding(cols, config.d_model)
         if not config.weight_tying:
             modules["ff_out"] = nn.Linear(config.d_model, config.effective_embedding_size, bias=config.include_bias)
         self.transformer = nn.ModuleDict(modules)
@@ -262,6 +271,8 @@ class LLaDAModelLM(PreTrainedModel):
         t = self.model.transformer
         x = t["wte"](input_ids)
         T = input_ids.shape[1]
+        if self.config.image_grid is not None:
+            x = self._add_grid_embedding(x)
         # RoPE has no learned position table: max_sequence_length is the trained length, not a hard limit.
         head_dim = self.config.d_model // self.config.n_heads
         cos, sin = rotary_cos_sin(T, head_dim, float(self.config.rope_theta), x.device)
@@ -280,6 +291,17 @@ class LLaDAModelLM(PreTrainedModel):
                 collect.append(x)
             x = block(x, cos, sin, bias)
         return x
+
+    def _add_grid_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """x[:, offset + r*cols + c] += grid_row[r] + grid_col[c] (see ``LLaDAConfig.image_grid``)."""
+        offset, rows, cols = (int(v) for v in self.config.image_grid)
+        t = self.model.transformer
+        grid = (t["grid_row"].weight[:, None, :] + t["grid_col"].weight[None, :, :]).reshape(rows * cols, -1)
+        if offset + rows * cols > x.shape[1]:
+            raise ValueError(f"image_grid {self.config.image_grid} does not fit a sequence of length {x.shape[1]}")
+        pad_front = x.new_zeros(offset, x.shape[-1])
+        pad_back = x.new_zeros(x.shape[1] - offset - rows * cols, x.shape[-1])
+        return x + torch.cat([pad_front, grid.to(x.dtype), pad_back])[None]
 
     def final_hidden(
         self,

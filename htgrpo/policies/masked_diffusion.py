@@ -239,12 +239,14 @@ class MaskedDiffusionPolicy(nn.Module):
         rope_theta: float = 10000.0,
         embedding_size: int | None = None,
         seed: int = 0,
+        grid_position_embedding: bool = False,
     ) -> MaskedDiffusionPolicy:
         """Tiny randomly initialised ShapesWorld policy (~0.9M parameters at the defaults; trains on CPU).
 
         ``vocabulary``: the prompt generator's words (default :func:`shapes_vocabulary`); ``mlp_hidden_size`` defaults
         to 3·d_model (LLaDA-8B's ratio, 12288/4096); ``embedding_size`` pads wte/LM head to that many rows (e.g.
-        134656 to mimic MMaDA's head width in benchmarks); ``seed`` makes the initialisation reproducible.
+        134656 to mimic MMaDA's head width in benchmarks); ``seed`` makes the initialisation reproducible;
+        ``grid_position_embedding`` adds learned row/column embeddings at the image tokens (``LLaDAConfig.image_grid``).
         """
         world = world or ShapesWorldConfig()
         text_tok = WordTextTokenizer(shapes_vocabulary() if vocabulary is None else vocabulary)
@@ -263,6 +265,8 @@ class MaskedDiffusionPolicy(nn.Module):
             mask_token_id=layout.mask,
             pad_token_id=layout.pad,
             eos_token_id=layout.eos,
+            image_grid=[layout.image_positions.start, world.grid_size, world.grid_size] if grid_position_embedding
+            else None,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

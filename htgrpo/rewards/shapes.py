@@ -198,3 +198,30 @@ class ShapesDPGReward:
 
     def __call__(self, images: Any, items: Sequence[DPGItem]) -> torch.Tensor:
         return torch.tensor([r.score for r in self.scorer.score(images, items)], dtype=torch.float32)
+
+
+class ShapesPromptReward:
+    """Reward for a mixed ShapesWorld prompt stream: GenEval records get GenEval credit, DPG items the DPG prompt score.
+
+    ``(images, records) -> float32 tensor (B,)`` in [0, 1]. ``geneval_mode``: ``binary`` (GenEval correctness, the
+    benchmark's own metric) or ``partial`` (partial credit: denser signal for small groups).
+    """
+
+    def __init__(self, world: ShapesWorldConfig, geneval_mode: Literal["binary", "partial"] = "binary") -> None:
+        if geneval_mode not in ("binary", "partial"):
+            raise ValueError(f"geneval_mode must be 'binary' or 'partial', got {geneval_mode!r}")
+        self.geneval_mode = geneval_mode
+        self.geneval = ShapesGenEvalReward(world, geneval_mode)
+        self.dpg = ShapesDPGReward(world)
+
+    def __call__(self, images: Any, records: Sequence[GenEvalRecord | DPGItem]) -> torch.Tensor:
+        out = torch.zeros(len(records), dtype=torch.float32)
+        gen = [i for i, r in enumerate(records) if isinstance(r, GenEvalRecord)]
+        dpg = [i for i, r in enumerate(records) if isinstance(r, DPGItem)]
+        other = set(range(len(records))) - set(gen) - set(dpg)
+        if other:
+            raise TypeError(f"unsupported record type {type(records[min(other)]).__name__}")
+        for idx, fn in ((gen, self.geneval), (dpg, self.dpg)):
+            if idx:
+                out[torch.tensor(idx)] = fn(images[idx], [records[i] for i in idx])
+        return out

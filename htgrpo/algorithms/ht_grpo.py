@@ -1,0 +1,469 @@
+"""HT-GRPO ("Sketch Then Paint") for masked-diffusion image generators, and the GRPO baselines it is compared with.
+
+Algorithm (one training step = one rollout batch; SPEC §3–4):
+
+    1. rollout    — eval mode, no grad: G images per prompt with the configured sampler, recording for every image
+                    token the step it was committed, its confidence and its entropy;
+    2. reward     — the scorer reads each image against its prompt's metadata (GenEval rules / DPG propositions);
+    3. advantage  — A = (r − mean_group) / std (``scale_rewards``); NaN rewards and zero-variance groups give 0;
+    4. partition  — per image, the structure set S = first ``partition.fraction`` of tokens by ``partition.key``;
+                    credit weights w (``credit.kind``), token advantages Â = A·w;
+    5. plan       — for each of the K = n_global + n_struct + n_refine inner iterations: its stage's candidate
+                    tokens (all / S / R), a random ``stages.scored_fraction`` of them, and the estimator's
+                    canvases; old and reference log-probs from exactly those inputs;
+    6. update × K — current log-probs, clipped surrogate with Â, + β·k3-KL, ``loss_type`` aggregation,
+                    gradient clipping, AdamW step.
+
+The baselines are the same module with another ``estimator`` (unigrpo, maskgrpo, d1, coupled, trace), ``uniform``
+credit and a single global stage (``stages: {n_global: K, n_struct: 0, n_refine: 0}``).
+
+Randomness: every random draw of step t (rollout noise, estimator masks, scored subsets) comes from a generator
+seeded with (seed, rank, t), so a resumed run repeats an uninterrupted one exactly.
+
+Lightning's ``global_step`` counts optimiser updates (K per rollout batch); ``rollout_step`` counts rollout batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from htgrpo.algorithms.base import PolicyModule
+from htgrpo.algorithms.credit import (
+    Stage,
+    StageSchedule,
+    credit_weights,
+    sample_scored,
+    stage_candidates,
+    structure_mask,
+    structure_rank,
+    token_advantages,
+    validate_fraction,
+)
+from htgrpo.algorithms.estimators import ScoringPass, ScoringPlan, build_estimator, token_log_probs
+from htgrpo.algorithms.grpo_math import (
+    LOSS_TYPES,
+    SCALE_REWARDS,
+    aggregate_loss,
+    clipped_surrogate,
+    group_advantages,
+    k3_kl,
+)
+from htgrpo.algorithms.rollout import InnerIteration, Rollout, ScoredRollout, UpdateStats
+from htgrpo.config import ConfigError, require, require_choice, require_range
+from htgrpo.data.datamodules import PromptBatch
+from htgrpo.evaluation.benchmark import Benchmark
+from htgrpo.policies.generators import SamplerSettings
+from htgrpo.policies.t2i_layout import MASKED
+
+PARTITION_KEYS = ("decode_step", "entropy")
+CREDIT_KINDS = ("binary", "soft", "uniform")
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    from omegaconf import OmegaConf
+
+    return dict(OmegaConf.to_container(value, resolve=True))  # type: ignore[arg-type]
+
+
+def _step_seed(seed: int, rank: int, step: int, stream: int) -> int:
+    """A 63-bit seed for (run seed, rank, rollout step, stream): independent streams, reproducible on resume."""
+    return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(
+        (seed * 1_000_003 + rank * 10_007 + step) * 31 + stream)).item())
+
+
+class HTGRPO(PolicyModule):
+    """GRPO with hierarchical token credit and Sketch-Then-Paint inner stages (and, by config, its baselines).
+
+    Args:
+        policy: a ``MaskedDiffusionPolicy`` (trained).
+        reward: callable ``(images uint8 (B,3,H,W), records) -> float tensor (B,)``.
+        benchmark: validation benchmark.
+        sampler: validation sampler settings.
+        rollout_sampler: sampler settings of the rollouts (defaults to ``sampler``).
+        num_generations: G, images per prompt in a group (TRL name).
+        scale_rewards: ``group`` | ``batch`` | ``none`` (TRL name): what the centred reward is divided by.
+        beta: k3-KL coefficient against the frozen reference (TRL name); 0 skips the reference entirely.
+        epsilon: lower clip ε of the ratio (TRL name). epsilon_high: upper clip (None = epsilon; DAPO's clip-higher).
+        loss_type: ``token_mean`` (all scored tokens of the batch) or ``seq_mean`` (per image, then over images).
+        estimator: ``{name, ...args}``: how per-token log-probs are estimated (see ``algorithms.estimators``).
+        partition: ``{key: decode_step|entropy, fraction: φ, entropy_order: ascending|descending}``.
+        credit: ``{kind: binary|soft|uniform, alpha, gamma, normalize}``.
+        stages: ``{n_global, n_struct, n_refine, mode: inner|outer, scored_fraction: ρ}``.
+        lr, weight_decay, betas, warmup_steps: AdamW and its linear warm-up (in optimiser updates).
+        max_grad_norm: gradient-norm clip per update (0 disables).
+        micro_batch_size: images per forward/backward in the updates (None = the whole rollout batch).
+        seed: seed of rollout noise and estimator masks (combined with rank and rollout step).
+        val_seed: validation sampling noise.
+    """
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        reward: Any,
+        benchmark: Benchmark | None = None,
+        sampler: SamplerSettings | None = None,
+        rollout_sampler: SamplerSettings | None = None,
+        num_generations: int = 8,
+        scale_rewards: str = "group",
+        beta: float = 0.01,
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        loss_type: str = "token_mean",
+        estimator: Mapping[str, Any] | None = None,
+        partition: Mapping[str, Any] | None = None,
+        credit: Mapping[str, Any] | None = None,
+        stages: Mapping[str, Any] | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        warmup_steps: int = 0,
+        max_grad_norm: float = 1.0,
+        micro_batch_size: int | None = None,
+        seed: int = 0,
+        val_seed: int = 1234,
+    ):
+        super().__init__(policy, benchmark, sampler, val_seed)
+        self.automatic_optimization = False
+        self.reward_fn = reward
+        self.rollout_sampler = rollout_sampler or self.sampler
+
+        # --- validate every key up front: a bad value fails at start-up with its name ---------------------------
+        require(int(num_generations) >= 2, "num_generations", f"must be >= 2 (a group needs a baseline), got {num_generations}")
+        require_choice(scale_rewards, SCALE_REWARDS, "scale_rewards")
+        require(float(beta) >= 0, "beta", f"must be >= 0, got {beta}")
+        require_range(float(epsilon), "epsilon", 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+        require(epsilon_high is None or float(epsilon_high) > 0, "epsilon_high", f"must be > 0 or null, got {epsilon_high}")
+        require_choice(loss_type, LOSS_TYPES, "loss_type")
+        require(float(lr) > 0, "lr", f"must be > 0, got {lr}")
+        require(float(max_grad_norm) >= 0, "max_grad_norm", f"must be >= 0, got {max_grad_norm}")
+        require(micro_batch_size is None or int(micro_batch_size) >= 1, "micro_batch_size",
+                f"must be >= 1 or null, got {micro_batch_size}")
+        self.num_generations = int(num_generations)
+        self.scale_rewards, self.loss_type = str(scale_rewards), str(loss_type)
+        self.beta, self.epsilon = float(beta), float(epsilon)
+        self.epsilon_high = None if epsilon_high is None else float(epsilon_high)
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.betas = tuple(float(b) for b in betas)
+        self.warmup_steps, self.max_grad_norm = int(warmup_steps), float(max_grad_norm)
+        self.micro_batch_size = None if micro_batch_size is None else int(micro_batch_size)
+        self.seed = int(seed)
+
+        est = _as_dict(estimator) or {"name": "prompt_conditioned"}
+        try:
+            self.estimator = build_estimator(**est)
+        except (TypeError, ValueError) as err:
+            raise ConfigError("estimator", str(err)) from None
+
+        part = {"key": "decode_step", "fraction": 0.25, "entropy_order": "ascending", **_as_dict(partition)}
+        require_choice(part["key"], PARTITION_KEYS, "partition.key")
+        require_choice(part["entropy_order"], ("ascending", "descending"), "partition.entropy_order")
+        _validate_fraction(part["fraction"], "partition.fraction")
+        self.partition = part
+
+        cred = {"kind": "binary", "alpha": 1.0, "gamma": 1.0, "normalize": True, **_as_dict(credit)}
+        require_choice(cred["kind"], CREDIT_KINDS, "credit.kind")
+        require(float(cred["alpha"]) >= 0, "credit.alpha", f"must be >= 0, got {cred['alpha']}")
+        require(float(cred["gamma"]) > 0, "credit.gamma", f"must be > 0, got {cred['gamma']}")
+        self.credit = cred
+
+        st = {"n_global": 2, "n_struct": 2, "n_refine": 2, "mode": "inner", "scored_fraction": 1.0, **_as_dict(stages)}
+        _validate_fraction(st["scored_fraction"], "stages.scored_fraction")
+        self.scored_fraction = float(st.pop("scored_fraction"))
+        try:
+            self.schedule = StageSchedule(**{k: (int(v) if k.startswith("n_") else v) for k, v in st.items()})
+            self.schedule.validate()
+        except ValueError as err:
+            raise ConfigError("stages", str(err)) from None
+        except TypeError as err:
+            raise ConfigError("stages", f"{err} (keys: n_global, n_struct, n_refine, mode, scored_fraction)") from None
+
+        # The frozen reference: a copy of the starting policy (skipped when beta = 0).
+        # (Left in train mode like the policy: the toy has no dropout, and log-prob passes switch to eval anyway.)
+        self.reference = copy.deepcopy(policy).requires_grad_(False) if self.beta > 0 else None
+        self.rollout_step = 0
+        self.last_update_stats: list[UpdateStats] = []
+        self.last_scored: ScoredRollout | None = None
+        self.save_hyperparameters(ignore=["policy", "reward", "benchmark", "sampler", "rollout_sampler"])
+
+    # ===================================================================================================
+    # The algorithm box
+    # ===================================================================================================
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        rollout = self.rollout(batch)                                # 1. G images per prompt
+        timings["rollout"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        rewards = self.reward(rollout)                               # 2. scorer
+        timings["reward"] = time.perf_counter() - t0
+
+        scored = self.score(rollout, rewards)                        # 3–4. advantages, partition, credit
+        t0 = time.perf_counter()
+        iterations = self.plan_inner_iterations(scored)              # 5. stages, estimator plans, old/ref log-probs
+        self.last_update_stats = [self.inner_update(scored, it) for it in iterations]  # 6. K updates
+        timings["update"] = time.perf_counter() - t0
+
+        self.last_scored = scored
+        self._log_step(scored, self.last_update_stats, timings)
+        self.rollout_step += 1
+
+    # -- 1. rollout ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, batch: PromptBatch) -> Rollout:
+        """Sample ``num_generations`` images per prompt (eval mode, no grad), recording the per-token trajectory."""
+        G = self.num_generations
+        prompts = [p for p in batch.prompts for _ in range(G)]
+        generator = torch.Generator(device=self.policy.device).manual_seed(
+            _step_seed(self.seed, self.global_rank, self.rollout_step, 0))
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            prompt_tokens = self.policy.encode_prompts([p.prompt for p in prompts])
+            sampled = self.rollout_sampler.sample(self.policy, prompt_tokens, generator=generator)
+            images = self.policy.image_tokenizer.decode(sampled.codes.cpu())
+        finally:
+            self.policy.train(was_training)
+        return Rollout(prompts, prompt_tokens, sampled, images, G)
+
+    # -- 2. reward -----------------------------------------------------------------------------------------
+    def reward(self, rollout: Rollout) -> torch.Tensor:
+        """Scores from the reward function; a scorer exception for an image becomes NaN (logged, advantage 0)."""
+        records = [p.record for p in rollout.prompts]
+        rewards = torch.as_tensor(self.reward_fn(rollout.images, records), dtype=torch.float32).reshape(-1)
+        if rewards.numel() != len(rollout):
+            raise RuntimeError(f"reward returned {rewards.numel()} values for {len(rollout)} images")
+        return rewards
+
+    # -- 3–4. advantages, partition, credit -----------------------------------------------------------------
+    def score(self, rollout: Rollout, rewards: torch.Tensor) -> ScoredRollout:
+        adv = group_advantages(rewards, self.num_generations, self.scale_rewards)
+        s = rollout.sampled
+        key, fraction = self.partition["key"], float(self.partition["fraction"])
+        order = self.partition["entropy_order"]
+        structure = structure_mask(s.commit_step, s.entropy, s.confidence, key=key, fraction=fraction,
+                                   entropy_order=order)
+        rank = structure_rank(s.commit_step, s.entropy, s.confidence, key=key, entropy_order=order)
+        weights = credit_weights(rank, structure, kind=self.credit["kind"], alpha=float(self.credit["alpha"]),
+                                 gamma=float(self.credit["gamma"]), normalize=bool(self.credit["normalize"]))
+        token_adv = token_advantages(adv.advantages.to(weights.device), weights)
+        return ScoredRollout(rollout, rewards, adv, structure, rank, weights, token_adv)
+
+    # -- 5. plan the inner iterations ----------------------------------------------------------------------
+    @torch.no_grad()
+    def plan_inner_iterations(self, scored: ScoredRollout) -> list[InnerIteration]:
+        """Stage, scored tokens and estimator canvases of each inner iteration, with old and reference log-probs
+        computed from exactly those inputs before any update."""
+        rollout = scored.rollout
+        K = self.schedule.num_inner_iterations
+        generator = torch.Generator(device=self.policy.device).manual_seed(
+            _step_seed(self.seed, self.global_rank, self.rollout_step, 1))
+        structure = scored.structure.to(self.policy.device)
+        sampled = rollout.sampled.to(self.policy.device)
+        old_cache: dict[int, torch.Tensor] = {}
+        ref_cache: dict[int, torch.Tensor] = {}
+        iterations = []
+        for k in range(K):
+            stage = self.schedule.stage_for(k, self.rollout_step)
+            candidates = stage_candidates(stage, structure)
+            # Each iteration scores a random fraction ρ of its stage's candidates (ρ = 1: all of them).
+            candidates = sample_scored(candidates, self.scored_fraction, generator)
+            plan = self.estimator.plan(sampled, candidates, k, K, generator, prompt=rollout.prompt_tokens)
+            old = self._plan_log_probs(self.policy, rollout, plan, old_cache)
+            ref = self._plan_log_probs(self.reference, rollout, plan, ref_cache) if self.reference is not None else None
+            iterations.append(InnerIteration(k, stage, plan, old, ref))
+        return iterations
+
+    def _plan_log_probs(self, model: torch.nn.Module, rollout: Rollout, plan: ScoringPlan,
+                        cache: dict[int, torch.Tensor]) -> torch.Tensor:
+        """(B·G, N) log-probs of the rollout codes under ``model`` for ``plan`` (no grad, eval mode).
+
+        Passes with identical inputs (e.g. the fully masked canvas every HT-GRPO iteration uses) are computed once.
+        """
+        was_training = model.training
+        model.eval()
+        try:
+            out = torch.zeros(rollout.sampled.codes.shape, dtype=torch.float32, device=self.policy.device)
+            for p in plan.passes:
+                key = _pass_key(p)
+                if key not in cache:
+                    cache[key] = self._all_position_log_probs(model, rollout, p)
+                out = torch.where(p.scored.to(out.device), cache[key], out)
+            return out
+        finally:
+            model.train(was_training)
+
+    def _all_position_log_probs(self, model: torch.nn.Module, rollout: Rollout, scoring_pass: Any) -> torch.Tensor:
+        """log π(x_i | prompt, canvas) at every image position, in micro-batches."""
+        codes = rollout.sampled.codes.to(self.policy.device)
+        hidden_everywhere = ScoringPass(scoring_pass.canvas, scoring_pass.canvas == MASKED, scoring_pass.prompt_mask)
+        outs = []
+        for sl in self._micro_batches(len(rollout)):
+            sub = ScoringPlan([_slice_pass(hidden_everywhere, sl)])
+            outs.append(token_log_probs(model, rollout.prompt_tokens[sl], codes[sl], sub).logp)
+        return torch.cat(outs)
+
+    # -- 6. one inner update -------------------------------------------------------------------------------
+    def inner_update(self, scored: ScoredRollout, it: InnerIteration) -> UpdateStats:
+        """Clipped surrogate with token advantages + β·KL on the iteration's scored tokens; one AdamW step."""
+        rollout = scored.rollout
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        scored_mask = it.plan.scored.to(self.policy.device)
+        token_adv = scored.token_advantages.to(self.policy.device)
+        codes = rollout.sampled.codes.to(self.policy.device)
+        total_tokens = int(scored_mask.sum())
+        total_seqs = int(scored_mask.any(1).sum())
+        sums = {"loss": 0.0, "kl": 0.0, "ratio": 0.0, "low": 0.0, "high": 0.0}
+        ratios = []
+        for sl in self._micro_batches(len(rollout)):
+            mask = scored_mask[sl]
+            if not bool(mask.any()):
+                continue
+            plan = ScoringPlan([_slice_pass(p, sl) for p in it.plan.passes], shape=tuple(mask.shape))
+            logp = token_log_probs(self.policy, rollout.prompt_tokens[sl], codes[sl], plan).logp
+            terms = clipped_surrogate(logp, it.old_logp[sl], token_adv[sl], self.epsilon, self.epsilon_high)
+            per_token = terms.loss
+            kl = None
+            if self.beta > 0 and it.ref_logp is not None:
+                kl = k3_kl(logp, it.ref_logp[sl])
+                per_token = per_token + self.beta * kl
+            # Weight each micro-batch's mean by its share so the sum is the whole batch's aggregate.
+            if self.loss_type == "token_mean":
+                share = int(mask.sum()) / max(total_tokens, 1)
+            else:
+                share = int(mask.any(1).sum()) / max(total_seqs, 1)
+            loss = aggregate_loss(per_token, mask, self.loss_type) * share
+            self.manual_backward(loss)
+            m = mask.float()
+            sums["loss"] += float(loss.detach())
+            sums["kl"] += float((kl.detach() * m).sum()) if kl is not None else 0.0
+            sums["ratio"] += float((terms.ratio.detach() * m).sum())
+            sums["low"] += float((terms.clipped_low.float() * m).sum())
+            sums["high"] += float((terms.clipped_high.float() * m).sum())
+            ratios.append(terms.ratio.detach()[mask].cpu())
+        grad_norm = self._clip_and_step(optimizer)
+        n = max(total_tokens, 1)
+        structure_steps = rollout.sampled.commit_step[scored.structure.cpu()].float()
+        return UpdateStats(
+            stage=it.stage, loss=sums["loss"], kl=sums["kl"] / n, ratio_mean=sums["ratio"] / n,
+            clip_low=sums["low"] / n, clip_high=sums["high"] / n, grad_norm=grad_norm, scored_tokens=total_tokens,
+            ratios=torch.cat(ratios) if ratios else torch.zeros(0),
+            token_advantages=token_adv[scored_mask].detach().cpu(),
+            credit=scored.credit.to(scored_mask.device)[scored_mask].detach().cpu(),
+            structure_commit_steps=structure_steps,
+        )
+
+    def _clip_and_step(self, optimizer: Any) -> float:
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        if params:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
+        else:
+            norm = torch.zeros(())
+        if self.max_grad_norm > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        return float(norm)
+
+    def _micro_batches(self, n: int) -> list[slice]:
+        size = self.micro_batch_size or n
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    # ===================================================================================================
+    # Logging, optimiser, checkpoint state
+    # ===================================================================================================
+    def _log_step(self, scored: ScoredRollout, updates: list[UpdateStats], timings: dict[str, float]) -> None:
+        rollout, rewards = scored.rollout, scored.rewards
+        finite = torch.isfinite(rewards)
+        r = rewards[finite]
+        log = {
+            "train/reward/mean": float(r.mean()) if r.numel() else math.nan,
+            "train/reward/std": float(r.std()) if r.numel() > 1 else 0.0,
+            "train/zero_variance_fraction": scored.advantages.zero_variance_fraction,
+            "train/nonfinite_rewards": float(scored.advantages.nonfinite_rewards),
+            "train/entropy": float(rollout.sampled.entropy.float().mean()),
+            "train/rollout_step": float(self.rollout_step),
+        }
+        groups: dict[str, list[float]] = {}
+        for p, value, ok in zip(rollout.prompts, rewards.tolist(), finite.tolist()):
+            if ok:
+                groups.setdefault(p.group, []).append(value)
+        for group, values in groups.items():
+            log[f"train/reward/{group}"] = sum(values) / len(values)
+        if updates:
+            tokens = sum(u.scored_tokens for u in updates)
+            w = [u.scored_tokens / max(tokens, 1) for u in updates]
+            log["train/loss"] = sum(u.loss for u in updates) / len(updates)
+            log["train/kl"] = sum(u.kl * wi for u, wi in zip(updates, w))
+            log["train/ratio_mean"] = sum(u.ratio_mean * wi for u, wi in zip(updates, w))
+            log["train/clip_fraction/low"] = sum(u.clip_low * wi for u, wi in zip(updates, w))
+            log["train/clip_fraction/high"] = sum(u.clip_high * wi for u, wi in zip(updates, w))
+            log["train/grad_norm"] = sum(u.grad_norm for u in updates) / len(updates)
+            for stage in Stage:
+                mine = [u for u in updates if u.stage == stage]
+                if mine:
+                    log[f"train/{stage.value}/loss"] = sum(u.loss for u in mine) / len(mine)
+                    log[f"train/{stage.value}/scored_tokens"] = sum(u.scored_tokens for u in mine) / len(mine)
+        for phase, seconds in timings.items():
+            log[f"time/{phase}_s"] = seconds
+        step_seconds = sum(timings.values())
+        log["perf/images_per_s"] = len(rollout) / max(timings.get("rollout", 0.0), 1e-9)
+        log["perf/tokens_per_s"] = rollout.sampled.codes.numel() / max(timings.get("rollout", 0.0), 1e-9)
+        log["perf/step_s"] = step_seconds
+        self.log_dict(log, batch_size=rollout.num_groups)
+        self.log("reward", log["train/reward/mean"], prog_bar=True, logger=False, batch_size=rollout.num_groups)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        warmup = self.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Everything random in a step derives from (seed, rank, rollout_step): saving the counter makes resume exact.
+        checkpoint["htgrpo"] = {"rollout_step": self.rollout_step, "torch_rng": torch.get_rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("htgrpo", {})
+        self.rollout_step = int(state.get("rollout_step", 0))
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+
+    @property
+    def training_steps_done(self) -> int:
+        """Rollout batches trained on (what ``summary.json`` reports as ``steps``)."""
+        return self.rollout_step
+
+
+def _validate_fraction(value: Any, key: str) -> None:
+    try:
+        validate_fraction(float(value), key)
+    except ValueError as err:
+        raise ConfigError(key, str(err)) from None
+
+
+def _slice_pass(p: ScoringPass, sl: slice) -> ScoringPass:
+    return ScoringPass(p.canvas[sl], p.scored[sl], None if p.prompt_mask is None else p.prompt_mask[sl])
+
+
+def _pass_key(scoring_pass: Any) -> int:
+    """Cache key of a pass's model inputs (canvas + prompt mask): identical inputs give identical log-probs."""
+    canvas = scoring_pass.canvas
+    key = hash((tuple(canvas.shape), canvas.cpu().numpy().tobytes()))
+    if scoring_pass.prompt_mask is not None:
+        key = hash((key, scoring_pass.prompt_mask.cpu().numpy().tobytes()))
+    return key
