@@ -190,7 +190,8 @@ class HTGRPO(PolicyModule):
         # The frozen reference: a copy of the starting policy (skipped when beta = 0).
         # (Left in train mode like the policy: the toy has no dropout, and log-prob passes switch to eval anyway.)
         self.reference = copy.deepcopy(policy).requires_grad_(False) if self.beta > 0 else None
-        self.rollout_step = 0
+        # A buffer, so the counter travels with the weights (ddp_spawn copies them back to the main process).
+        self.register_buffer("rollout_counter", torch.zeros((), dtype=torch.long))
         self.last_update_stats: list[UpdateStats] = []
         self.last_scored: ScoredRollout | None = None
         self.save_hyperparameters(ignore=["policy", "reward", "benchmark", "sampler", "rollout_sampler"])
@@ -442,6 +443,15 @@ class HTGRPO(PolicyModule):
         self.rollout_step = int(state.get("rollout_step", 0))
         if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])
+
+    @property
+    def rollout_step(self) -> int:
+        """Rollout batches done so far (Lightning's ``global_step`` counts the K updates of each)."""
+        return int(self.rollout_counter)
+
+    @rollout_step.setter
+    def rollout_step(self, value: int) -> None:
+        self.rollout_counter.fill_(int(value))
 
     @property
     def training_steps_done(self) -> int:

@@ -145,7 +145,9 @@ class PromptDataModule(L.LightningDataModule):
         if trainer is None:
             return 0, 0
         loop = trainer.fit_loop
-        done = int(loop.epoch_loop.batch_progress.current.completed) if loop.restarting else 0
+        # `processed`, not `completed`: a checkpoint written in on_train_batch_end (every_n_train_steps) has
+        # processed the batch but not yet marked it completed; Lightning completes it on restore, after this call.
+        done = int(loop.epoch_loop.batch_progress.current.processed) if loop.restarting else 0
         return int(trainer.current_epoch), done * self.batch_size
 
     def train_dataloader(self) -> DataLoader:
