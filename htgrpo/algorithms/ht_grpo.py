@@ -194,6 +194,7 @@ class HTGRPO(PolicyModule):
         self.register_buffer("rollout_counter", torch.zeros((), dtype=torch.long))
         self.last_update_stats: list[UpdateStats] = []
         self.last_scored: ScoredRollout | None = None
+        self.last_timings: dict[str, float] = {}  # seconds of the last step's phases (rollout, reward, update)
         self.save_hyperparameters(ignore=["policy", "reward", "benchmark", "sampler", "rollout_sampler"])
 
     # ===================================================================================================
@@ -216,6 +217,7 @@ class HTGRPO(PolicyModule):
         timings["update"] = time.perf_counter() - t0
 
         self.last_scored = scored
+        self.last_timings = timings
         self._log_step(scored, self.last_update_stats, timings)
         self.rollout_step += 1
 

@@ -1,0 +1,117 @@
+"""Rebuild the study table of experiments/shapes_geneval/README.md from the run logs (no training, no sampling).
+
+    python experiments/shapes_geneval/make_table.py [--study LOG_DIR/study] [--readme PATH]
+
+Reads `<study>/<method>/seed<k>/summary.json` (GenEval at the start and end of each RL run; `val_start` is the base,
+identical for every method of a seed) and `.../dpg/dpg_results.json` (ShapesWorld-DPG of the final policy;
+`<study>/base/seed<k>/dpg/` for the base), averages over seeds (mean ± sample std, n seeds) and replaces the text
+between the `<!-- study-table:start -->` and `<!-- study-table:end -->` markers of the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+TASKS = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
+ORDER = ["Base (warm start)", "GRPO", "UniGRPO", "MaskGRPO", "TraceRL-style", "d1", "Coupled-GRPO", "HT-GRPO",
+         "MAR base (warm start)", "MAR-GRPO plain", "MAR-GRPO"]
+START, END = "<!-- study-table:start -->", "<!-- study-table:end -->"
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def collect(study: Path) -> dict[str, dict[str, list[float]]]:
+    """method -> column -> one value per seed. Columns: geneval/<task>, geneval/overall, dpg/overall, steps, seconds."""
+    table: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    base_seen: set[tuple[str, str]] = set()
+    for run_dir in sorted(study.glob("*/seed*")):
+        method = run_dir.parent.name.replace("_", " ")
+        seed = run_dir.name
+        summary = _load(run_dir / "summary.json")
+        if summary is not None:
+            end, start = summary.get("val_end", {}), summary.get("val_start", {})
+            for key, value in end.items():
+                table[method][key].append(float(value))
+            table[method]["steps"].append(float(summary.get("steps", math.nan)))
+            table[method]["seconds"].append(float(summary.get("seconds", math.nan)))
+            base_name = "MAR base (warm start)" if method.startswith("MAR") else "Base (warm start)"
+            if start and (base_name, seed) not in base_seen:  # one base value per seed
+                base_seen.add((base_name, seed))
+                for key, value in start.items():
+                    table[base_name][key].append(float(value))
+        dpg = _load(run_dir / "dpg" / "dpg_results.json")
+        if dpg is not None:
+            name = "Base (warm start)" if method == "base" else method
+            table[name]["dpg/overall"].append(float(dpg["overall"]))
+    return table
+
+
+def _cell(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    values = [v * scale for v in values if not math.isnan(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def render(table: dict[str, dict[str, list[float]]]) -> str:
+    methods = sorted(table, key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+    seeds = max((len(v) for cols in table.values() for v in cols.values()), default=0)
+    head = ["method", *TASKS, "**overall**", "Δ overall", "DPG", "rollout steps", "s / run"]
+    lines = [f"ShapesWorld-GenEval (six tasks, overall in [0,1]) and ShapesWorld-DPG (0–100); mean ± std over "
+             f"seeds (up to {seeds}).", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = table.get("Base (warm start)", {}).get("geneval/overall", [])
+    mar_base = table.get("MAR base (warm start)", {}).get("geneval/overall", [])
+    for m in methods:
+        cols = table[m]
+        ref = mar_base if m.startswith("MAR") else base
+        overall = cols.get("geneval/overall", [])
+        delta = [a - b for a, b in zip(overall, ref)] if ref and "base" not in m.lower() else []
+        row = [m, *(_cell(cols.get(f"geneval/{t}", [])) for t in TASKS), f"**{_cell(overall)}**",
+               _cell(delta) if delta else "–", _cell(cols.get("dpg/overall", []), digits=1),
+               _cell(cols.get("steps", []), digits=0), _cell(cols.get("seconds", []), digits=0)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def write_table(study: Path, readme: Path) -> str:
+    """Render the table from ``study`` and put it between the README markers; returns the table."""
+    if not study.is_dir():
+        raise SystemExit(f"{study}: no study runs (run experiments/shapes_geneval/run_study.py first)")
+    text = render(collect(study))
+    doc = readme.read_text() if readme.exists() else f"{START}\n{END}\n"
+    if START not in doc or END not in doc:
+        raise SystemExit(f"{readme}: missing the {START} / {END} markers")
+    before, rest = doc.split(START, 1)
+    _, after = rest.split(END, 1)
+    readme.write_text(f"{before}{START}\n{text}\n{END}{after}")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    root = Path(os.environ.get("HTGRPO_ROOT", REPO))
+    ap.add_argument("--study", type=Path, default=root / "logs" / "study")
+    ap.add_argument("--readme", type=Path, default=HERE / "README.md")
+    args = ap.parse_args(argv)
+    print(write_table(args.study, args.readme))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""ShapesWorld study: the warm-started base vs each RL method, at the same compute budget, over several seeds.
+
+Each method is one experiment config run with the same rollout budget (`--steps` rollout batches of the same
+prompts x generations, the same K inner updates, the same sampler), then its final policy is scored on
+ShapesWorld-DPG too. The base is the warm start itself: its GenEval score is every run's `val_start` (same
+benchmark, sampler and seed), its DPG score comes from `htgrpo.evaluate` on the export.
+
+    python -m htgrpo.fit experiment=shapes_pretrain            # once: the warm start every method starts from
+    python experiments/shapes_geneval/run_study.py --seeds 0 1 # runs what is missing, then writes the table
+    python experiments/shapes_geneval/make_table.py            # rebuild the table from the run logs only
+
+Runs go to `<log_dir>/study/<method>/seed<k>/` (a `fit` run dir: summary.json, tensorboard/, checkpoints/) with
+`dpg/dpg_results.json` next to it. A run whose summary.json exists is not run again (delete it to redo); extra
+Hydra overrides after `--` apply to every run, e.g. `-- sampler.num_steps=8`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+METHODS = {
+    # method name in the table -> experiment config
+    "GRPO": "shapes_grpo",
+    "UniGRPO": "shapes_unigrpo",
+    "MaskGRPO": "shapes_maskgrpo",
+    "TraceRL-style": "shapes_trace",
+    "HT-GRPO": "shapes_ht",
+}
+OPTIONAL_METHODS = {"d1": "shapes_d1", "Coupled-GRPO": "shapes_coupled"}
+
+
+def default_log_dir() -> Path:
+    root = Path(os.environ.get("HTGRPO_ROOT", REPO))
+    return root / "logs"
+
+
+def run(cmd: list[str], log_file: Path) -> None:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    print("$", " ".join(cmd), flush=True)
+    started = time.perf_counter()
+    with open(log_file, "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    print(f"  -> exit {proc.returncode} in {time.perf_counter() - started:.0f} s (log: {log_file})", flush=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n--- last lines of {log_file} ---\n"
+                         + "\n".join(log_file.read_text().splitlines()[-25:]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    help=f"table names among {list(METHODS) + list(OPTIONAL_METHODS)}")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="rollout batches per run (default: the experiments' trainer.limit_train_batches)")
+    ap.add_argument("--log-dir", type=Path, default=default_log_dir(), help="runs go to LOG_DIR/study/")
+    ap.add_argument("--skip-dpg", action="store_true", help="do not score the final policies on ShapesWorld-DPG")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
+    args = ap.parse_args(argv)
+    known = {**METHODS, **OPTIONAL_METHODS}
+    unknown = [m for m in args.methods if m not in known]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(known)}")
+
+    study = args.log_dir / "study"
+    common = list(args.overrides)
+    if args.steps is not None:
+        common.append(f"trainer.limit_train_batches={args.steps}")
+    python = sys.executable
+    for seed in args.seeds:
+        base_dpg = study / "base" / f"seed{seed}" / "dpg"
+        if not args.skip_dpg and not (base_dpg / "dpg_results.json").exists():
+            run([python, "-m", "htgrpo.evaluate", "benchmark=shapes_dpg", "policy=shapes_llada_warm",
+                 f"seed={seed}", f"hydra.run.dir={base_dpg}", *[o for o in common if o.startswith("sampler.")]],
+                base_dpg / "evaluate.log")
+        for method in args.methods:
+            run_dir = study / method.replace(" ", "_") / f"seed{seed}"
+            if not (run_dir / "summary.json").exists():
+                run([python, "-m", "htgrpo.fit", f"experiment={known[method]}", f"seed={seed}",
+                     f"hydra.run.dir={run_dir}", "callbacks.progress_bar=null", *common], run_dir / "fit.stdout")
+            dpg_dir = run_dir / "dpg"
+            if not args.skip_dpg and not (dpg_dir / "dpg_results.json").exists():
+                run([python, "-m", "htgrpo.evaluate", "benchmark=shapes_dpg", "policy=shapes_llada",
+                     f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"seed={seed}", f"hydra.run.dir={dpg_dir}",
+                     *[o for o in common if o.startswith(("sampler.", "policy."))]], dpg_dir / "evaluate.log")
+
+    sys.path.insert(0, str(HERE))
+    from make_table import write_table
+
+    print(write_table(study, HERE / "README.md"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
