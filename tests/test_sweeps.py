@@ -21,7 +21,8 @@ def test_tiny_credit_sweep_runs_and_summarises(tmp_path):
     sweep_dir = tmp_path / "sweep"
     run_cli("htgrpo.fit", ["-m", "--config-dir", str(REPO_ROOT / "sweeps"), "+sweep=credit_assignment",
                            "algorithm.credit.alpha=0.0,2.0", "algorithm.partition.fraction=0.25",
-                           "algorithm.partition.key=decode_step", "+stages=g2s4", *TINY_RL,
+                           "algorithm.partition.key=decode_step", "+stages=g2s4",
+                           *(o for o in TINY_RL if not o.startswith("algorithm.stages.")),
                            "validate_at_end=true", "trainer.limit_train_batches=1", f"hydra.sweep.dir={sweep_dir}"],
             tmp_path)
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())

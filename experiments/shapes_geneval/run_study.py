@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="rollout batches per run (default: the experiments' trainer.limit_train_batches)")
     ap.add_argument("--log-dir", type=Path, default=default_log_dir(), help="runs go to LOG_DIR/study/")
     ap.add_argument("--skip-dpg", action="store_true", help="do not score the final policies on ShapesWorld-DPG")
+    ap.add_argument("--dpg-prompts", type=int, default=64, help="ShapesWorld-DPG prompts scored per policy")
+    ap.add_argument("--dpg-images", type=int, default=4, help="images per DPG prompt")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = ap.parse_args(argv)
     known = {**METHODS, **OPTIONAL_METHODS}
@@ -76,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None:
         common.append(f"trainer.limit_train_batches={args.steps}")
     python = sys.executable
+    dpg = ["benchmark=shapes_dpg", f"benchmark.prompts.num_prompts={args.dpg_prompts}",
+           f"benchmark.images_per_prompt={args.dpg_images}"]
     for seed in args.seeds:
         base_dpg = study / "base" / f"seed{seed}" / "dpg"
         if not args.skip_dpg and not (base_dpg / "dpg_results.json").exists():
-            run([python, "-m", "htgrpo.evaluate", "benchmark=shapes_dpg", "policy=shapes_llada_warm",
+            run([python, "-m", "htgrpo.evaluate", *dpg, "policy=shapes_llada_warm",
                  f"seed={seed}", f"hydra.run.dir={base_dpg}", *[o for o in common if o.startswith("sampler.")]],
                 base_dpg / "evaluate.log")
         for method in args.methods:
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"hydra.run.dir={run_dir}", "callbacks.progress_bar=null", *common], run_dir / "fit.stdout")
             dpg_dir = run_dir / "dpg"
             if not args.skip_dpg and not (dpg_dir / "dpg_results.json").exists():
-                run([python, "-m", "htgrpo.evaluate", "benchmark=shapes_dpg", "policy=shapes_llada",
+                run([python, "-m", "htgrpo.evaluate", *dpg, "policy=shapes_llada",
                      f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"seed={seed}", f"hydra.run.dir={dpg_dir}",
                      *[o for o in common if o.startswith(("sampler.", "policy."))]], dpg_dir / "evaluate.log")
 
