@@ -39,9 +39,12 @@ def load_policy(cfg: DictConfig) -> Any:
         raise ConfigError("ckpt_path", f"{path} does not exist (expected a policy folder or a Lightning .ckpt)")
     if path.is_dir():
         from htgrpo.policies.masked_diffusion import MaskedDiffusionPolicy
+        from htgrpo.policies.mar.shapes import ShapesMARPolicy, is_mar_policy_folder
 
         if not (path / "config.json").exists():
             raise ConfigError("ckpt_path", f"{path} is a folder without config.json: not a save_pretrained policy")
+        if is_mar_policy_folder(path):  # written by ShapesMARPolicy.save_pretrained (evaluate it with sampler=mar)
+            return ShapesMARPolicy.from_pretrained(path, config_key="ckpt_path")
         return MaskedDiffusionPolicy.from_pretrained(path)
     policy = instantiate_node(cfg, "policy")
     if not isinstance(policy, torch.nn.Module):

@@ -155,8 +155,13 @@ def build_masked_diffusion_policy(world: ShapesWorldConfig, init: str = "scratch
                                      grid_position_embedding=bool(grid_position_embedding))
 
 
-def as_image_generator(policy, sampler: SamplerSettings):
-    """Wrap a masked-diffusion policy with its sampler; pass oracle/random generators through."""
+def as_image_generator(policy, sampler):
+    """Wrap a trainable policy with its sampler (masked diffusion: ``SamplerSettings``; MAR:
+    ``MARSamplerSettings``); pass oracle/random generators through."""
     if hasattr(policy, "generate") and not isinstance(policy, torch.nn.Module):
         return policy
+    from htgrpo.policies.mar.shapes import ShapesMARPolicy, require_mar_sampler
+
+    if isinstance(policy, ShapesMARPolicy):
+        require_mar_sampler(sampler, "sampler")
     return PolicyImageGenerator(policy, sampler)

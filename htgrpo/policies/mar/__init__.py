@@ -19,6 +19,8 @@ from htgrpo.policies.mar.backbone import (
     TextConditioner,
     build_conditioner,
     interpolate_pos_embed,
+    patchify,
+    unpatchify,
 )
 from htgrpo.policies.mar.checkpoints import (
     infer_mar_config,
@@ -69,8 +71,10 @@ __all__ = [
     "interpolate_pos_embed",
     "load_harmon_mar",
     "load_lth14_checkpoint",
+    "patchify",
     "sample_mar",
     "save_harmon_checkpoint",
     "save_lth14_checkpoint",
     "space_timesteps",
+    "unpatchify",
 ]

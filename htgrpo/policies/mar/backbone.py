@@ -344,8 +344,33 @@ def build_conditioner(config: MARConfig) -> BufferConditioner | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Position-embedding interpolation
+# Latent grid <-> token sequence, position-embedding interpolation
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def patchify(latents: Tensor, patch_size: int = 1) -> Tensor:
+    """(B, C, H, W) → (B, (H/p)·(W/p), C·p·p), row-major over the token grid, channels ordered (c, p, q) as LTH14.
+
+    With p = 1 (MAR, Harmon, ShapesWorld) this is ``latents.flatten(2).transpose(1, 2)``.
+    """
+    B, C, H, W = latents.shape
+    p = int(patch_size)
+    if H % p or W % p:
+        raise ValueError(f"patch_size: {p} must divide the latent size {H}x{W}")
+    x = latents.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(tokens: Tensor, seq_h: int, seq_w: int, patch_size: int = 1) -> Tensor:
+    """Inverse of :func:`patchify`: (B, seq_h·seq_w, C·p·p) → (B, C, seq_h·p, seq_w·p)."""
+    B, L, D = tokens.shape
+    p = int(patch_size)
+    if L != seq_h * seq_w or D % (p * p):
+        raise ValueError(f"tokens: shape {tuple(tokens.shape)} does not fit a {seq_h}x{seq_w} grid of "
+                         f"patch_size {p}")
+    C = D // (p * p)
+    x = tokens.reshape(B, seq_h, seq_w, C, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, C, seq_h * p, seq_w * p)
 
 
 def interpolate_pos_embed(pos_embed: Tensor, num_prefix: int, old_hw: tuple[int, int], new_hw: tuple[int, int],
@@ -648,4 +673,6 @@ __all__ = [
     "TextConditioner",
     "build_conditioner",
     "interpolate_pos_embed",
+    "patchify",
+    "unpatchify",
 ]

@@ -194,8 +194,7 @@ def _require_key(state: Mapping[str, Tensor], key: str, source: str) -> Tensor:
 
 
 def state_dict_shape_fields(state: Mapping[str, Tensor], source: str = "checkpoint") -> dict[str, Any]:
-    """The MARConfig fields a MAR state dict fixes. The grid side comes out only when L is a perfect square
-    (``seq_len`` is always there)."""
+    """The MARConfig fields a MAR state dict fixes, plus ``seq_len`` (the grid's shape is not in the weights)."""
     z_proj = _require_key(state, "z_proj.weight", source)
     enc_pos = _require_key(state, "encoder_pos_embed_learned", source)
     diff_pos = _require_key(state, "diffusion_pos_embed_learned", source)
@@ -213,9 +212,6 @@ def state_dict_shape_fields(state: Mapping[str, Tensor], source: str = "checkpoi
     fc1 = state.get("encoder_blocks.0.mlp.fc1.weight")
     if fc1 is not None:
         fields["mlp_ratio"] = fc1.shape[0] / fc1.shape[1]
-    side = math.isqrt(fields["seq_len"])
-    if side * side == fields["seq_len"]:
-        fields.update(seq_h=side, seq_w=side)
     if "class_emb.weight" in state:
         fields.update(conditioning="class", num_classes=int(state["class_emb.weight"].shape[0]))
     elif any(k.startswith("text_encoder.") for k in state):
@@ -228,15 +224,19 @@ def state_dict_shape_fields(state: Mapping[str, Tensor], source: str = "checkpoi
 def infer_mar_config(state: Mapping[str, Tensor], hints: Mapping[str, Any] | None = None,
                      source: str = "checkpoint") -> MARConfig:
     """The checkpoint's own MARConfig: shape fields from the state dict, the rest from ``hints``, else the LTH14
-    preset matching the width (heads), else MARConfig defaults."""
+    preset matching the width (heads), else MARConfig defaults. The grid is ``hints``' when it has L cells, else
+    square."""
     hints = dict(hints or {})
     fields = state_dict_shape_fields(state, source)
     seq_len = fields.pop("seq_len")
-    if "seq_h" not in fields:
-        if hints.get("seq_h", 0) * hints.get("seq_w", 0) != seq_len:
-            raise ValueError(f"{source}: {seq_len} position rows is not a square grid; pass a config with seq_h, "
-                             "seq_w")
-        fields.update(seq_h=hints["seq_h"], seq_w=hints["seq_w"])
+    side = math.isqrt(seq_len)
+    if hints.get("seq_h", 0) * hints.get("seq_w", 0) == seq_len:
+        fields.update(seq_h=int(hints["seq_h"]), seq_w=int(hints["seq_w"]))
+    elif side * side == seq_len:
+        fields.update(seq_h=side, seq_w=side)
+    else:
+        raise ValueError(f"{source}: {seq_len} grid positions is not a square grid and the file does not say its "
+                         "shape; pass config=MARConfig(seq_h=..., seq_w=...)")
     values = {**hints, **fields}
     by_width = {p["encoder_embed_dim"]: p for p in MAR_PRESETS.values()}
     for part in ("encoder", "decoder"):

@@ -18,6 +18,7 @@ Reverse step (ε-prediction, ``LEARNED_RANGE`` variance; the network outputs ``[
 
     x̂_0        = √(1/ᾱ_t) · x_t − √(1/ᾱ_t − 1) · ε
     μ           = c1_t · x̂_0 + c2_t · x_t,     c1_t = β_t √ᾱ_{t−1} / (1 − ᾱ_t),  c2_t = (1 − ᾱ_{t−1}) √α_t / (1 − ᾱ_t)
+                = (x_t − β_t / √(1 − ᾱ_t) · ε) / √α_t      (the form computed: no float32 cancellation at ᾱ_t ≈ 0)
     β̃_t         = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t)                   (posterior variance; log clipped at t=0 by β̃_1)
     log σ²      = f · log β_t + (1 − f) · log β̃_t,   f = (v + 1) / 2
     x_{t−1}     = μ + 1[t≠0] · τ · σ · ξ,           ξ ~ N(0, I), τ = temperature
@@ -268,6 +269,10 @@ class GaussianDiffusion:
         self.log_betas = torch.log(betas)
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        # μ = c1·x̂_0(x_t, ε) + c2·x_t rewritten without x̂_0: μ = (x_t − β_t/√(1−ᾱ_t)·ε) / √α_t (same value; avoids
+        # float32 cancellation in x̂_0 = √(1/ᾱ_t)·x_t − √(1/ᾱ_t − 1)·ε when ᾱ_t ≈ 0, where 1/√ᾱ_t reaches ~3e4)
+        self.mean_coef_xt = 1.0 / alphas.sqrt()
+        self.mean_coef_eps = betas / (alphas.sqrt() * (1.0 - self.alphas_cumprod).sqrt())
 
     def __repr__(self) -> str:
         return f"GaussianDiffusion(num_timesteps={self.num_timesteps}, original_num_steps={self.original_num_steps})"
@@ -332,7 +337,9 @@ class GaussianDiffusion:
         pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1.0, 1.0)
-        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
+            mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
+        else:
+            mean = self._gather(self.mean_coef_xt, t, x_t) * x_t - self._gather(self.mean_coef_eps, t, x_t) * eps
         return MeanVariance(mean=mean, variance=torch.exp(log_variance), log_variance=log_variance,
                             pred_xstart=pred_xstart, eps=eps)
 

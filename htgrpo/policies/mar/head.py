@@ -35,6 +35,13 @@ from htgrpo.policies.mar.diffusion import (
     gaussian_step_log_prob,
 )
 
+def _guided(cfg: float | Tensor) -> bool:
+    """Whether a guidance scale (a float, or one scale per token as a tensor) asks for the unconditional branch."""
+    if torch.is_tensor(cfg):
+        return bool((cfg != 1.0).any())
+    return cfg != 1.0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The denoiser network
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,7 +158,9 @@ class SimpleMLPAdaLN(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
         h = self.input_proj(x)
-        y = self.time_embed(t) + self.cond_embed(c)
+        # The time embedding depends on t only: embed each distinct timestep once (sampling steps share one t).
+        t_unique, inverse = torch.unique(t, return_inverse=True)
+        y = self.time_embed(t_unique)[inverse] + self.cond_embed(c)
         for block in self.res_blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, y, use_reentrant=False)
@@ -269,21 +278,26 @@ class DiffusionHead(nn.Module):
 
     # -- network call ------------------------------------------------------------------------------------------
 
-    def model_output(self, x_t: Tensor, t: Tensor, z: Tensor, z_uncond: Tensor | None = None, cfg: float = 1.0,
-                     diffusion: GaussianDiffusion | None = None) -> Tensor:
+    def model_output(self, x_t: Tensor, t: Tensor, z: Tensor, z_uncond: Tensor | None = None,
+                     cfg: float | Tensor = 1.0, diffusion: GaussianDiffusion | None = None) -> Tensor:
         """The (guided) network output ``[ε, v]`` (N, 2D) at indices ``t`` of ``diffusion`` (default: sampling one).
 
         Without ``z_uncond`` (or with cfg == 1) this is the conditional output. Otherwise the net runs once on the
-        stacked batch ``[(x_t, z); (x_t, z_uncond)]`` and :func:`cfg_combine` guides ε only.
+        stacked batch ``[(x_t, z); (x_t, z_uncond)]`` and :func:`cfg_combine` guides ε only. ``cfg`` may also be a
+        tensor (N,) of per-token scales (e.g. each token's own AR-step scale under a linear CFG schedule).
         """
         diffusion = diffusion or self.gen_diffusion
         tau = diffusion.model_timesteps(t)
-        if z_uncond is None or cfg == 1.0:
+        if z_uncond is None or not _guided(cfg):
             return self.net(x_t, tau, z)
         if z_uncond.shape != z.shape:
             raise ValueError(f"z_uncond: shape {tuple(z_uncond.shape)} != z shape {tuple(z.shape)}")
         both = self.net(torch.cat([x_t, x_t]), torch.cat([tau, tau]), torch.cat([z, z_uncond]))
         out_cond, out_uncond = both.chunk(2, dim=0)
+        if torch.is_tensor(cfg):  # one guidance scale per token
+            cfg = cfg.to(out_cond.dtype).reshape(-1, 1)
+            if cfg.shape[0] != out_cond.shape[0]:
+                raise ValueError(f"cfg: {cfg.shape[0]} per-token scales for {out_cond.shape[0]} tokens")
         return cfg_combine(out_cond, out_uncond, cfg)
 
     # -- training ----------------------------------------------------------------------------------------------
@@ -310,18 +324,24 @@ class DiffusionHead(nn.Module):
 
     # -- sampling ----------------------------------------------------------------------------------------------
 
-    def sample_chain(self, z: Tensor, temperature: float = 1.0, cfg: float = 1.0, log_steps: bool = False,
+    @torch.no_grad()
+    def sample_chain(self, z: Tensor, temperature: float = 1.0, cfg: float | Tensor = 1.0, log_steps: bool = False,
                      z_uncond: Tensor | None = None, generator: torch.Generator | None = None,
-                     noise: Tensor | None = None) -> HeadSample:
+                     noise: Tensor | None = None, step_noise: Tensor | None = None) -> HeadSample:
         """Run the full reverse chain for N tokens at once, from x_T = ``noise`` (default N(0, I) from ``generator``).
+
+        ``step_noise`` (T, N, D), optional, is the standard normal noise of every reverse step in sampling order
+        (default: drawn from ``generator`` step by step); with ``noise`` it fixes the chain completely, e.g. to compare
+        one batched call over S·N tokens with S calls over N tokens.
 
         ``z`` (N, Dz) is the conditional latent; CFG (cfg ≠ 1) needs ``z_uncond`` (N, Dz), and both branches share
         x_t (only the conditional chain is kept, as in MAR). With ``log_steps`` every transition is returned as a
-        :class:`HeadChain` (needs temperature > 0 so the transition densities exist).
+        :class:`HeadChain` (needs temperature > 0 so the transition densities exist). Runs without autograd; the
+        stored chain is re-scored with gradients by :meth:`chain_log_probs`.
         """
         if z.dim() != 2 or z.shape[-1] != self.z_channels:
             raise ValueError(f"z: expected (N, {self.z_channels}), got {tuple(z.shape)}")
-        if cfg != 1.0 and z_uncond is None:
+        if _guided(cfg) and z_uncond is None:
             raise ValueError(f"z_uncond: required for classifier-free guidance (cfg={cfg})")
         if log_steps and temperature <= 0:
             raise ValueError(f"temperature: must be > 0 when log_steps=True, got {temperature}")
@@ -334,11 +354,15 @@ class DiffusionHead(nn.Module):
             if noise.shape != (n, self.in_channels):
                 raise ValueError(f"noise: expected ({n}, {self.in_channels}), got {tuple(noise.shape)}")
             x = noise
+        T = diffusion.num_timesteps
+        if step_noise is not None and step_noise.shape != (T, n, self.in_channels):
+            raise ValueError(f"step_noise: expected ({T}, {n}, {self.in_channels}), got {tuple(step_noise.shape)}")
         steps: list[HeadStep] = []
-        for i in reversed(range(diffusion.num_timesteps)):
+        for k, i in enumerate(reversed(range(T))):
             t = torch.full((n,), i, dtype=torch.long, device=device)
             out = self.model_output(x, t, z, z_uncond, cfg, diffusion)
-            step = diffusion.p_sample(out, x, t, temperature=temperature, generator=generator)
+            step = diffusion.p_sample(out, x, t, temperature=temperature, generator=generator,
+                                      noise=None if step_noise is None else step_noise[k].to(x.dtype))
             if log_steps:
                 steps.append(step)
             x = step.x_prev
@@ -357,7 +381,7 @@ class DiffusionHead(nn.Module):
     # -- re-scoring stored transitions --------------------------------------------------------------------------
 
     def score_chain(self, z: Tensor, chain: HeadChain, steps: Tensor | None = None, z_uncond: Tensor | None = None,
-                    cfg: float = 1.0, reduce: str = "mean", variance: str = "chain", min_std: float = 0.0
+                    cfg: float | Tensor = 1.0, reduce: str = "mean", variance: str = "chain", min_std: float = 0.0
                     ) -> ChainScore:
         """Recompute μ_θ(x_t, t, z) for stored transitions and score x_{t−1} under N(μ_θ, σ²).
 
@@ -371,6 +395,11 @@ class DiffusionHead(nn.Module):
             variance: ``"chain"`` uses the stored (rollout) σ², so gradients flow only through the mean, as in
                 MAR-GRPO; ``"model"`` uses the recomputed learned-range σ² (tempered by ``chain.temperature``).
             min_std: lower clamp on σ (MAR-GRPO: 1e-6).
+
+        Numerics: the first (noisiest) transition is ill-conditioned, μ = (x_t − β_t/√(1−ᾱ_t)·ε)/√α_t with 1/√α_t of
+        10²–10⁴ under coarse respacing, so in float32 a recomputed μ there can differ from the recorded one by
+        ~1e-3–1e-2 (batch-size-dependent matmul rounding); all other steps agree to float precision, and in float64
+        everywhere.
         """
         if variance not in ("chain", "model"):
             raise ValueError(f"variance: must be 'chain' or 'model', got {variance!r}")
@@ -388,6 +417,8 @@ class DiffusionHead(nn.Module):
         t = chain.timesteps[steps].repeat_interleave(N)
         zz = z.repeat(S, 1)
         zu = None if z_uncond is None else z_uncond.repeat(S, 1)
+        if torch.is_tensor(cfg):
+            cfg = cfg.reshape(-1).repeat(S)
         out = self.model_output(x_t, t, zz, zu, cfg, self.gen_diffusion)
         mv = self.gen_diffusion.p_mean_variance(out, x_t, t)
         mean = mv.mean.reshape(S, N, D)
@@ -399,7 +430,7 @@ class DiffusionHead(nn.Module):
         return ChainScore(log_prob=log_prob, mean=mean, log_variance=log_variance, steps=steps)
 
     def chain_log_probs(self, z: Tensor, chain: HeadChain, steps: Tensor | None = None,
-                        z_uncond: Tensor | None = None, cfg: float = 1.0, reduce: str = "mean",
+                        z_uncond: Tensor | None = None, cfg: float | Tensor = 1.0, reduce: str = "mean",
                         variance: str = "chain", min_std: float = 0.0) -> Tensor:
         """(S, N) per-token log-probs of stored transitions under the current head and ``z`` (differentiable in z and
         in the head's parameters). Same arguments as :meth:`score_chain`."""
