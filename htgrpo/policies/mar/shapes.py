@@ -129,8 +129,8 @@ class MARSamplerSettings:
     """
 
     name: str = "mar"
-    num_ar_steps: int = 32
-    cfg: float = 3.0
+    num_ar_steps: int = 64
+    cfg: float = 1.0
     cfg_schedule: str = "constant"
     temperature: float = 1.0
     num_diffusion_steps: int | str | None = "ddim25"
