@@ -6,6 +6,10 @@ benchmark's official rules, prints the table in the papers' format, and writes i
 * ``geneval_results.json`` — ``{"benchmark", "overall" in [0,1], "tasks": {tag: score}, "num_images"}``, or
   ``dpg_results.json`` — ``{"benchmark", "overall" in [0,100], "categories": {L1: score}, "num_prompts"}``;
 * ``geneval_images.jsonl`` / ``dpg_images.jsonl`` — one row per image (GenEval's per-image result format);
+* ``results.jsonl`` (GenEval benchmarks) — GenEval's own per-image results format (``metadata``/``details`` as JSON
+  strings), which GenEval's ``summary_scores.py`` reads unchanged;
+* ``images/`` (``save_images=true``) — every image in the official layout (GenEval ``<index>/samples/<i>.png``,
+  DPG-Bench ``<item_id>.png`` 2x2 grids), so the official scorers can be run on them too;
 * ``samples/grid_<task>.png`` — sample grids, one prompt per row.
 """
 
@@ -22,8 +26,10 @@ import torch
 from omegaconf import DictConfig
 
 from htgrpo._hydra import config_dir
-from htgrpo.config import ConfigError, instantiate_node
+from htgrpo.config import ConfigError, call_checked, instantiate_node
+from htgrpo.data.records import MetadataError
 from htgrpo.evaluation.benchmark import run_benchmark, save_grid
+from htgrpo.evaluation.official import write_geneval_results
 from htgrpo.policies.generators import as_image_generator
 
 log = logging.getLogger("htgrpo.evaluate")
@@ -41,15 +47,23 @@ def load_policy(cfg: DictConfig) -> Any:
         from htgrpo.policies.masked_diffusion import MaskedDiffusionPolicy
         from htgrpo.policies.mar.shapes import ShapesMARPolicy, is_mar_policy_folder
 
+        from htgrpo.policies.lora import is_adapter_folder, load_adapter
+
+        if is_adapter_folder(path):  # `htgrpo.export` without merge: peft adapters on the base `policy` builds
+            return load_adapter(instantiate_node(cfg, "policy"), path)
         if not (path / "config.json").exists():
             raise ConfigError("ckpt_path", f"{path} is a folder without config.json: not a save_pretrained policy")
         if is_mar_policy_folder(path):  # written by ShapesMARPolicy.save_pretrained (evaluate it with sampler=mar)
             return ShapesMARPolicy.from_pretrained(path, config_key="ckpt_path")
         return MaskedDiffusionPolicy.from_pretrained(path)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("htgrpo_frozen_weights_stripped"):  # LoRA adapter-only checkpoint: rebuild as the fit run did
+        from htgrpo.export import load_fit_checkpoint
+
+        return load_fit_checkpoint(path, cfg.get("run_config"))
     policy = instantiate_node(cfg, "policy")
     if not isinstance(policy, torch.nn.Module):
         raise ConfigError("policy", "a Lightning .ckpt needs a trainable policy config (e.g. policy=shapes_llada)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
     weights = {k[len("policy."):]: v for k, v in state.get("state_dict", {}).items() if k.startswith("policy.")}
     if not weights:
         raise ConfigError("ckpt_path", f"{path} holds no 'policy.*' weights: not a checkpoint written by htgrpo.fit")
@@ -65,19 +79,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     benchmark = instantiate_node(cfg, "benchmark")
+    call_checked(benchmark.prepare, "benchmark.scorer")  # scorer weights + prompt checks fail here, at start-up
     sampler = instantiate_node(cfg, "sampler")
     policy = load_policy(cfg)
     if isinstance(policy, torch.nn.Module):
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         policy = policy.to(device).eval()
     generator = as_image_generator(policy, sampler)
-    report = run_benchmark(benchmark, generator, seed=int(cfg.seed), samples_per_group=int(cfg.samples_per_group))
+    image_dir = output_dir / "images" if cfg.get("save_images", False) else None
+    report = run_benchmark(benchmark, generator, seed=int(cfg.seed), samples_per_group=int(cfg.samples_per_group),
+                           image_dir=image_dir)
 
     results = report.results_json()
     (output_dir / f"{report.kind}_results.json").write_text(json.dumps(results, indent=2) + "\n")
     with open(output_dir / f"{report.kind}_images.jsonl", "w") as fh:
         for row in report.rows:
             fh.write(json.dumps(row) + "\n")
+    if report.kind == "geneval":  # GenEval's own results.jsonl: summary_scores.py reads it unchanged
+        write_geneval_results(report.rows, output_dir / "results.jsonl")
     for group, images in report.samples.items():
         save_grid(images, output_dir / "samples" / f"grid_{group}.png", nrow=benchmark.images_per_prompt)
     print()
@@ -93,6 +112,9 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as err:
         log.error("configuration error: %s", err)
         raise SystemExit(f"Configuration error: {err}") from None
+    except MetadataError as err:  # a bad prompt/metadata file (the message names file:line)
+        log.error("metadata error: %s", err)
+        raise SystemExit(f"Metadata error: {err}") from None
 
 
 if __name__ == "__main__":

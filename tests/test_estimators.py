@@ -17,6 +17,7 @@ from htgrpo.algorithms.estimators import (
 )
 from htgrpo.data.shapes.palette import ShapesWorldConfig
 from htgrpo.policies.masked_diffusion import MaskedDiffusionPolicy, PromptTokens
+from htgrpo.policies.shapes_llada import toy_masked_diffusion_policy
 from htgrpo.policies.sampling import SampledImageTokens, maskgit_commit_counts, maskgit_sample
 from htgrpo.policies.t2i_layout import MASKED
 
@@ -50,7 +51,7 @@ def all_estimators():
 @pytest.fixture(scope="module")
 def policy() -> MaskedDiffusionPolicy:
     world = ShapesWorldConfig(grid_size=10, cell_px=2, max_object_size=5)  # 100 image tokens
-    return MaskedDiffusionPolicy.toy(world, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_text_len=12)
+    return toy_masked_diffusion_policy(world, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_text_len=12)
 
 
 @pytest.fixture(scope="module")

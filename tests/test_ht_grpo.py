@@ -17,7 +17,8 @@ from htgrpo.config import ConfigError, instantiate_node
 from htgrpo.data.datamodules import PromptDataModule
 from htgrpo.data.prompt_sets import ShapesPromptStream
 from htgrpo.data.shapes.palette import ShapesWorldConfig
-from htgrpo.policies.generators import SamplerSettings, build_masked_diffusion_policy
+from htgrpo.policies.generators import SamplerSettings
+from htgrpo.policies.shapes_llada import build_masked_diffusion_policy
 from htgrpo.rewards.shapes import ShapesPromptReward
 from test_cli import run_cli
 

@@ -168,8 +168,11 @@ def test_top_k_percent_uncertain_tokens_per_image():
 
 def test_consistency_selection_keeps_improving_tokens_and_always_the_step_tokens():
     def run(threshold, enabled=True):
+        # Our variant of the test (every step with a previous one, also without MTE); the release's defaults
+        # (from_step 2, only with MTE) are tested in tests/test_harmon.py.
         module = make_module(mte={"enabled": False}, num_train_ar_steps=None,
-                             consistency={"enabled": enabled, "threshold": threshold})
+                             consistency={"enabled": enabled, "threshold": threshold, "from_step": 1,
+                                          "requires_mte": False})
         rollout, _, plans = rollout_and_plans(module, mte=False)
         return rollout, {p.step: p for p in plans}
 

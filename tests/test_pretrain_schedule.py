@@ -40,7 +40,7 @@ def test_parse_duration():
 def test_bad_time_budget_names_the_key():
     from htgrpo.algorithms.pretrain import MaskedDiffusionPretraining
     from htgrpo.data.shapes.palette import ShapesWorldConfig
-    from htgrpo.policies.generators import build_masked_diffusion_policy
+    from htgrpo.policies.shapes_llada import build_masked_diffusion_policy
 
     policy = build_masked_diffusion_policy(ShapesWorldConfig(), d_model=32, n_layers=1, n_heads=2)
     with pytest.raises(ConfigError, match="time_budget"):

@@ -10,6 +10,7 @@ import torch
 
 from htgrpo.data.shapes.palette import ShapesWorldConfig
 from htgrpo.policies.masked_diffusion import MaskedDiffusionPolicy
+from htgrpo.policies.shapes_llada import toy_masked_diffusion_policy
 from htgrpo.policies.sampling import emerge_sample, maskgit_commit_counts, maskgit_sample
 
 PROMPTS = ["a photo of a red circle", "two blue squares", "a green triangle left of a yellow diamond"]
@@ -18,7 +19,7 @@ PROMPTS = ["a photo of a red circle", "two blue squares", "a green triangle left
 @pytest.fixture(scope="module")
 def policy() -> MaskedDiffusionPolicy:
     world = ShapesWorldConfig(grid_size=10, cell_px=2, max_object_size=5)  # 100 image tokens
-    return MaskedDiffusionPolicy.toy(world, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_text_len=12).eval()
+    return toy_masked_diffusion_policy(world, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_text_len=12).eval()
 
 
 def gen(seed: int) -> torch.Generator:
@@ -128,7 +129,7 @@ def test_restricted_and_full_vocabulary_logits_give_identical_samples(policy):
 
 def test_training_loss_is_finite_and_overfits_one_batch():
     world = ShapesWorldConfig(grid_size=10, cell_px=2, max_object_size=5)
-    policy = MaskedDiffusionPolicy.toy(world, d_model=32, n_layers=2, max_text_len=12, seed=1)
+    policy = toy_masked_diffusion_policy(world, d_model=32, n_layers=2, max_text_len=12, seed=1)
     prompt = policy.encode_prompts(PROMPTS)
     codes = torch.zeros(3, 10, 10, dtype=torch.long)  # one coloured square per image on the background
     codes[0, 2:6, 2:6], codes[1, 4:9, 1:6], codes[2, 0:5, 5:10] = 1, 5, 4

@@ -11,8 +11,8 @@ import torch
 from scipy import ndimage
 
 from htgrpo.data.records import GENEVAL_TASKS, GenEvalRecord, GenEvalRequirement, MetadataError
-from htgrpo.data.shapes.detector import ShapesDetector
-from htgrpo.data.shapes.palette import PALETTE_RGB, SHAPES, ShapesWorldConfig
+from htgrpo.data.shapes.detector import ShapesDetector, shape_posterior
+from htgrpo.data.shapes.palette import PALETTE_RGB, SHAPES, ShapesWorldConfig, color_index
 from htgrpo.data.shapes.prompts import (
     VOCABULARY,
     geneval_prompt_set,
@@ -123,7 +123,8 @@ def test_render_detect_round_trip_300_scenes():
         want = sorted((o.shape, o.color, o.box_px(WORLD.cell_px)) for o in scene.objects)
         got = sorted((d.label, d.color, d.box) for d in dets)
         assert got == want
-        assert all(d.score == 1.0 for d in dets)
+        # a clean object is certain: far above GenEval's 0.9 counting threshold
+        assert all(d.score > 0.999 for d in dets)
     assert sum(len(s.objects) for s in scenes) > 600
 
 
@@ -148,8 +149,51 @@ def test_detector_drops_small_blobs_and_scores_imperfect_shapes():
     assert len(dets) == 1
     cells[0, 0] = 0  # one missing corner: still a square, but not a perfect one
     d = ShapesDetector(WORLD).detect(cells_to_image(cells, 8))[0]
-    assert d.label == "square" and d.score == pytest.approx(35 / 36)
-    assert ShapesDetector(WORLD, min_side=2).detect(cells_to_image(cells, 8))[1].label == "square"
+    # mismatches: square 1, circle 3 (its 6x6 template lacks the 4 corner cells), triangle many; p = 0.1:
+    # P(square) = 1 / (1 + (p / (1 - p))**2 + ...) = 1 / (1 + 1/81) = 81/82
+    assert d.label == "square" and d.score == pytest.approx(81 / 82, rel=1e-5)
+    both = ShapesDetector(WORLD, min_side=2).detect(cells_to_image(cells, 8))
+    assert len(both) == 2 and both[0].label == "square" and both[0].score == d.score
+    # at 3x3 the circle template is a full square too: an even split between the two, less the triangle
+    # (2 mismatches: 1/81) and clutter ((0.5/0.9)**9)
+    assert both[1].score == pytest.approx(1 / (2 + 1 / 81 + (5 / 9) ** 9), rel=1e-6)
+
+
+def test_shape_posterior_by_hand():
+    # d = (0, 4) on a 5x5 box, p = 0.1: L1/L0 = (p/(1-p))**4 = 1/6561; clutter/L0 = (0.5/0.9)**25 = 4.15e-7
+    post = shape_posterior([0, 4], 25, 0.1)
+    assert post[0] == pytest.approx(6561 / 6562, rel=1e-6)
+    assert post[1] == pytest.approx(1 / 6562, rel=1e-4)
+    assert post[2] == pytest.approx((0.5 / 0.9) ** 25, rel=1e-3)
+    # equally good fits split the belief: below the counting threshold but above the 0.3 detection threshold
+    assert shape_posterior([2, 2, 9], 25, 0.1)[0] == pytest.approx(0.5, abs=1e-4)
+    # a blob no template explains (a third of its box wrong) reads as clutter
+    assert shape_posterior([9, 10, 12], 25, 0.1)[-1] > 0.9
+    with pytest.raises(ValueError, match="cell_noise"):
+        shape_posterior([0], 25, 0.6)
+
+
+def test_detector_confidence_separates_ragged_from_clean_shapes():
+    world = ShapesWorldConfig(grid_size=12, cell_px=1, min_object_size=4, max_object_size=5)
+    det = ShapesDetector(world)
+    cells = render_cells(Scene(12, (ShapeObject("circle", "red", 1, 1, 5),)))
+    assert det.detect(cells_to_image(cells, 1))[0].score > 0.999
+    cells[1, 1] = cells[1, 5] = color_index("red")  # two of the circle's four empty corners filled: circle or square?
+    d = det.detect(cells_to_image(cells, 1))[0]
+    assert d.score == pytest.approx(0.5, abs=1e-3)  # counted by no counting prompt (> 0.9), detected (> 0.3)
+    noisy = np.zeros((12, 12), dtype=np.int64)
+    noisy[2:7, 2:7] = np.array([[1, 0, 1, 0, 1], [0, 1, 0, 1, 0], [1, 0, 1, 0, 1], [0, 1, 0, 1, 0], [1, 0, 1, 0, 1]])
+    assert all(d.score < 0.3 for d in det.detect(cells_to_image(noisy, 1)))  # a checkerboard is clutter
+
+
+def test_world_object_size_limits():
+    assert ShapesWorldConfig(grid_size=12, min_object_size=4, max_object_size=5).min_object_size == 4
+    with pytest.raises(ValueError, match="min_object_size"):
+        ShapesWorldConfig(grid_size=12, min_object_size=4, max_object_size=5, shapes=("circle", "diamond"))
+    with pytest.raises(ValueError, match="min_object_size"):
+        ShapesWorldConfig(grid_size=12, min_object_size=3, max_object_size=5)
+    with pytest.raises(ValueError, match="detector_cell_noise"):
+        ShapesWorldConfig(detector_cell_noise=0.5)
 
 
 # ----------------------------------------------------------------------------------------------- prompts

@@ -36,7 +36,8 @@ from htgrpo.algorithms.ht_grpo import HTGRPO  # noqa: E402
 from htgrpo.data.datamodules import PromptDataModule  # noqa: E402
 from htgrpo.data.prompt_sets import ShapesPromptStream  # noqa: E402
 from htgrpo.data.shapes.palette import ShapesWorldConfig  # noqa: E402
-from htgrpo.policies.generators import SamplerSettings, build_masked_diffusion_policy  # noqa: E402
+from htgrpo.policies.generators import SamplerSettings  # noqa: E402
+from htgrpo.policies.shapes_llada import build_masked_diffusion_policy  # noqa: E402
 from htgrpo.rewards.shapes import ShapesPromptReward  # noqa: E402
 
 DEFAULT_POLICY = Path(os.environ.get("HTGRPO_ARTIFACTS", Path(__file__).resolve().parents[2] / "artifacts")) / \

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from htgrpo.policies.masked_diffusion import MaskedDiffusionPolicy  # noqa: E402
+from htgrpo.policies.shapes_llada import toy_masked_diffusion_policy  # noqa: E402
 from htgrpo.policies.sampling import maskgit_sample  # noqa: E402
 
 PROMPTS = [
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.policy:
         policy = MaskedDiffusionPolicy.from_pretrained(args.policy)
     else:
-        policy = MaskedDiffusionPolicy.toy(embedding_size=args.embedding_size, seed=args.seed)
+        policy = toy_masked_diffusion_policy(embedding_size=args.embedding_size, seed=args.seed)
     policy = policy.to(args.device).eval()
     texts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]
     prompt = policy.encode_prompts(texts)

@@ -39,6 +39,7 @@ __all__ = [
     "structure_mask",
     "structure_rank",
     "token_advantages",
+    "validate_credit",
     "validate_fraction",
 ]
 
@@ -168,6 +169,31 @@ def structure_mask(commit_step: Tensor | None, entropy: Tensor | None, confidenc
 # ---------------------------------------------------------------------------------------------------------------
 # credit
 # ---------------------------------------------------------------------------------------------------------------
+def validate_credit(kind: str, alpha: float, gamma: float) -> tuple[str, float, float]:
+    """The one range check of the credit keys (used by :func:`credit_weights` and the HT-GRPO module alike).
+
+    ``credit.kind`` in ``CREDIT_KINDS``; ``credit.alpha`` a finite number ``>= 0`` (structure tokens get at least
+    the refinement tokens' credit); ``credit.gamma`` a finite number ``> 0`` (``gamma = 0`` would make ``soft``
+    uniform). Returns ``(kind, float(alpha), float(gamma))``.
+
+    Raises:
+        ValueError: naming the offending ``credit.*`` key.
+    """
+    if kind not in CREDIT_KINDS:
+        raise ValueError(f"credit.kind must be one of {CREDIT_KINDS}, got {kind!r}")
+    values = []
+    for key, value, ok, bound in (("credit.alpha", alpha, lambda v: v >= 0.0, ">= 0"),
+                                  ("credit.gamma", gamma, lambda v: v > 0.0, "> 0")):
+        try:
+            v = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            v = math.nan
+        if not (math.isfinite(v) and ok(v)):
+            raise ValueError(f"{key} must be a finite number {bound}, got {value!r}")
+        values.append(v)
+    return kind, values[0], values[1]
+
+
 def credit_weights(rank: Tensor, structure: Tensor, kind: str = "binary", alpha: float = 1.0, gamma: float = 1.0,
                    normalize: bool = True) -> Tensor:
     """Per-token credit weights ``w`` (``(B, N)`` float32).
@@ -179,15 +205,9 @@ def credit_weights(rank: Tensor, structure: Tensor, kind: str = "binary", alpha:
     With ``normalize``: ``w_i <- w_i / mean_j(w_j)`` per image, so each image's weights average 1.
 
     Raises:
-        ValueError: unknown ``credit.kind``; ``credit.alpha <= -1`` (weights must stay positive);
-            ``credit.gamma < 0``; bad shapes.
+        ValueError: a credit key out of range (:func:`validate_credit`); bad shapes.
     """
-    if kind not in CREDIT_KINDS:
-        raise ValueError(f"credit.kind must be one of {CREDIT_KINDS}, got {kind!r}")
-    if not float(alpha) > -1.0:
-        raise ValueError(f"credit.alpha must be > -1 so weights stay positive, got {alpha!r}")
-    if not float(gamma) >= 0.0:
-        raise ValueError(f"credit.gamma must be >= 0, got {gamma!r}")
+    kind, alpha, gamma = validate_credit(kind, alpha, gamma)
     _check_2d("rank", rank)
     B, N = rank.shape
     if kind == "uniform":

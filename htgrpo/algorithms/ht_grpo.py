@@ -25,15 +25,12 @@ Lightning's ``global_step`` counts optimiser updates (K per rollout batch); ``ro
 
 from __future__ import annotations
 
-import copy
-import math
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from htgrpo.algorithms.base import PolicyModule
 from htgrpo.algorithms.credit import (
     Stage,
     StageSchedule,
@@ -46,16 +43,10 @@ from htgrpo.algorithms.credit import (
     validate_fraction,
 )
 from htgrpo.algorithms.estimators import ScoringPass, ScoringPlan, build_estimator, token_log_probs
-from htgrpo.algorithms.grpo_math import (
-    LOSS_TYPES,
-    SCALE_REWARDS,
-    aggregate_loss,
-    clipped_surrogate,
-    group_advantages,
-    k3_kl,
-)
+from htgrpo.algorithms.grpo_base import GRPOModule, as_dict, token_weighted
+from htgrpo.algorithms.grpo_math import aggregate_loss, clipped_surrogate, group_advantages, k3_kl
 from htgrpo.algorithms.rollout import InnerIteration, Rollout, ScoredRollout, UpdateStats
-from htgrpo.config import ConfigError, require, require_choice, require_range
+from htgrpo.config import ConfigError, require, require_choice
 from htgrpo.data.datamodules import PromptBatch
 from htgrpo.evaluation.benchmark import Benchmark
 from htgrpo.policies.generators import SamplerSettings
@@ -65,23 +56,7 @@ PARTITION_KEYS = ("decode_step", "entropy")
 CREDIT_KINDS = ("binary", "soft", "uniform")
 
 
-def _as_dict(value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if isinstance(value, Mapping):
-        return dict(value)
-    from omegaconf import OmegaConf
-
-    return dict(OmegaConf.to_container(value, resolve=True))  # type: ignore[arg-type]
-
-
-def _step_seed(seed: int, rank: int, step: int, stream: int) -> int:
-    """A 63-bit seed for (run seed, rank, rollout step, stream): independent streams, reproducible on resume."""
-    return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(
-        (seed * 1_000_003 + rank * 10_007 + step) * 31 + stream)).item())
-
-
-class HTGRPO(PolicyModule):
+class HTGRPO(GRPOModule):
     """GRPO with hierarchical token credit and Sketch-Then-Paint inner stages (and, by config, its baselines).
 
     Args:
@@ -105,6 +80,8 @@ class HTGRPO(PolicyModule):
         seed: seed of rollout noise and estimator masks (combined with rank and rollout step).
         val_seed: validation sampling noise.
     """
+
+    checkpoint_state_key = "htgrpo"  # this module's state in a Lightning checkpoint
 
     def __init__(
         self,
@@ -132,51 +109,36 @@ class HTGRPO(PolicyModule):
         seed: int = 0,
         val_seed: int = 1234,
     ):
-        super().__init__(policy, benchmark, sampler, val_seed)
-        self.automatic_optimization = False
-        self.reward_fn = reward
-        self.rollout_sampler = rollout_sampler or self.sampler
+        # Common keys, reference policy, rollout counter (grpo_base.GRPOModule): validated there with their names.
+        super().__init__(policy, reward, benchmark, sampler, rollout_sampler, num_generations=num_generations,
+                         scale_rewards=scale_rewards, beta=beta, epsilon=epsilon, epsilon_high=epsilon_high,
+                         loss_type=loss_type, lr=lr, weight_decay=weight_decay, betas=betas,
+                         warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, seed=seed, val_seed=val_seed)
 
-        # --- validate every key up front: a bad value fails at start-up with its name ---------------------------
-        require(int(num_generations) >= 2, "num_generations", f"must be >= 2 (a group needs a baseline), got {num_generations}")
-        require_choice(scale_rewards, SCALE_REWARDS, "scale_rewards")
-        require(float(beta) >= 0, "beta", f"must be >= 0, got {beta}")
-        require_range(float(epsilon), "epsilon", 0.0, 1.0, low_inclusive=False, high_inclusive=False)
-        require(epsilon_high is None or float(epsilon_high) > 0, "epsilon_high", f"must be > 0 or null, got {epsilon_high}")
-        require_choice(loss_type, LOSS_TYPES, "loss_type")
-        require(float(lr) > 0, "lr", f"must be > 0, got {lr}")
-        require(float(max_grad_norm) >= 0, "max_grad_norm", f"must be >= 0, got {max_grad_norm}")
+        # --- validate every HT-GRPO key up front: a bad value fails at start-up with its name -------------------
         require(micro_batch_size is None or int(micro_batch_size) >= 1, "micro_batch_size",
                 f"must be >= 1 or null, got {micro_batch_size}")
-        self.num_generations = int(num_generations)
-        self.scale_rewards, self.loss_type = str(scale_rewards), str(loss_type)
-        self.beta, self.epsilon = float(beta), float(epsilon)
-        self.epsilon_high = None if epsilon_high is None else float(epsilon_high)
-        self.lr, self.weight_decay = float(lr), float(weight_decay)
-        self.betas = tuple(float(b) for b in betas)
-        self.warmup_steps, self.max_grad_norm = int(warmup_steps), float(max_grad_norm)
         self.micro_batch_size = None if micro_batch_size is None else int(micro_batch_size)
-        self.seed = int(seed)
 
-        est = _as_dict(estimator) or {"name": "prompt_conditioned"}
+        est = as_dict(estimator) or {"name": "prompt_conditioned"}
         try:
             self.estimator = build_estimator(**est)
         except (TypeError, ValueError) as err:
             raise ConfigError("estimator", str(err)) from None
 
-        part = {"key": "decode_step", "fraction": 0.25, "entropy_order": "ascending", **_as_dict(partition)}
+        part = {"key": "decode_step", "fraction": 0.25, "entropy_order": "ascending", **as_dict(partition)}
         require_choice(part["key"], PARTITION_KEYS, "partition.key")
         require_choice(part["entropy_order"], ("ascending", "descending"), "partition.entropy_order")
         _validate_fraction(part["fraction"], "partition.fraction")
         self.partition = part
 
-        cred = {"kind": "binary", "alpha": 1.0, "gamma": 1.0, "normalize": True, **_as_dict(credit)}
+        cred = {"kind": "binary", "alpha": 1.0, "gamma": 1.0, "normalize": True, **as_dict(credit)}
         require_choice(cred["kind"], CREDIT_KINDS, "credit.kind")
         require(float(cred["alpha"]) >= 0, "credit.alpha", f"must be >= 0, got {cred['alpha']}")
         require(float(cred["gamma"]) > 0, "credit.gamma", f"must be > 0, got {cred['gamma']}")
         self.credit = cred
 
-        st = {"n_global": 2, "n_struct": 2, "n_refine": 2, "mode": "inner", "scored_fraction": 1.0, **_as_dict(stages)}
+        st = {"n_global": 2, "n_struct": 2, "n_refine": 2, "mode": "inner", "scored_fraction": 1.0, **as_dict(stages)}
         _validate_fraction(st["scored_fraction"], "stages.scored_fraction")
         self.scored_fraction = float(st.pop("scored_fraction"))
         try:
@@ -187,14 +149,8 @@ class HTGRPO(PolicyModule):
         except TypeError as err:
             raise ConfigError("stages", f"{err} (keys: n_global, n_struct, n_refine, mode, scored_fraction)") from None
 
-        # The frozen reference: a copy of the starting policy (skipped when beta = 0).
-        # (Left in train mode like the policy: the toy has no dropout, and log-prob passes switch to eval anyway.)
-        self.reference = copy.deepcopy(policy).requires_grad_(False) if self.beta > 0 else None
-        # A buffer, so the counter travels with the weights (ddp_spawn copies them back to the main process).
-        self.register_buffer("rollout_counter", torch.zeros((), dtype=torch.long))
         self.last_update_stats: list[UpdateStats] = []
         self.last_scored: ScoredRollout | None = None
-        self.last_timings: dict[str, float] = {}  # seconds of the last step's phases (rollout, reward, update)
         self.save_hyperparameters(ignore=["policy", "reward", "benchmark", "sampler", "rollout_sampler"])
 
     # ===================================================================================================
@@ -227,8 +183,7 @@ class HTGRPO(PolicyModule):
         """Sample ``num_generations`` images per prompt (eval mode, no grad), recording the per-token trajectory."""
         G = self.num_generations
         prompts = [p for p in batch.prompts for _ in range(G)]
-        generator = torch.Generator(device=self.policy.device).manual_seed(
-            _step_seed(self.seed, self.global_rank, self.rollout_step, 0))
+        generator = self.step_generator(0)
         was_training = self.policy.training
         self.policy.eval()
         try:
@@ -239,14 +194,7 @@ class HTGRPO(PolicyModule):
             self.policy.train(was_training)
         return Rollout(prompts, prompt_tokens, sampled, images, G)
 
-    # -- 2. reward -----------------------------------------------------------------------------------------
-    def reward(self, rollout: Rollout) -> torch.Tensor:
-        """Scores from the reward function; a scorer exception for an image becomes NaN (logged, advantage 0)."""
-        records = [p.record for p in rollout.prompts]
-        rewards = torch.as_tensor(self.reward_fn(rollout.images, records), dtype=torch.float32).reshape(-1)
-        if rewards.numel() != len(rollout):
-            raise RuntimeError(f"reward returned {rewards.numel()} values for {len(rollout)} images")
-        return rewards
+    # -- 2. reward: GRPOModule.reward (safe_score: a scorer exception for an image becomes NaN, advantage 0)
 
     # -- 3–4. advantages, partition, credit -----------------------------------------------------------------
     def score(self, rollout: Rollout, rewards: torch.Tensor) -> ScoredRollout:
@@ -269,8 +217,7 @@ class HTGRPO(PolicyModule):
         computed from exactly those inputs before any update."""
         rollout = scored.rollout
         K = self.schedule.num_inner_iterations
-        generator = torch.Generator(device=self.policy.device).manual_seed(
-            _step_seed(self.seed, self.global_rank, self.rollout_step, 1))
+        generator = self.step_generator(1)
         structure = scored.structure.to(self.policy.device)
         sampled = rollout.sampled.to(self.policy.device)
         old_cache: dict[int, torch.Tensor] = {}
@@ -355,7 +302,7 @@ class HTGRPO(PolicyModule):
             sums["low"] += float((terms.clipped_low.float() * m).sum())
             sums["high"] += float((terms.clipped_high.float() * m).sum())
             ratios.append(terms.ratio.detach()[mask].cpu())
-        grad_norm = self._clip_and_step(optimizer)
+        grad_norm = self.clip_and_step(optimizer)
         n = max(total_tokens, 1)
         structure_steps = rollout.sampled.commit_step[scored.structure.cpu()].float()
         return UpdateStats(
@@ -367,98 +314,28 @@ class HTGRPO(PolicyModule):
             structure_commit_steps=structure_steps,
         )
 
-    def _clip_and_step(self, optimizer: Any) -> float:
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        if params:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
-        else:
-            norm = torch.zeros(())
-        if self.max_grad_norm > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-        optimizer.step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        return float(norm)
-
     def _micro_batches(self, n: int) -> list[slice]:
         size = self.micro_batch_size or n
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
     # ===================================================================================================
-    # Logging, optimiser, checkpoint state
+    # Logging (optimiser, clip-and-step and checkpoint state: GRPOModule)
     # ===================================================================================================
     def _log_step(self, scored: ScoredRollout, updates: list[UpdateStats], timings: dict[str, float]) -> None:
-        rollout, rewards = scored.rollout, scored.rewards
-        finite = torch.isfinite(rewards)
-        r = rewards[finite]
-        log = {
-            "train/reward/mean": float(r.mean()) if r.numel() else math.nan,
-            "train/reward/std": float(r.std()) if r.numel() > 1 else 0.0,
-            "train/zero_variance_fraction": scored.advantages.zero_variance_fraction,
-            "train/nonfinite_rewards": float(scored.advantages.nonfinite_rewards),
-            "train/entropy": float(rollout.sampled.entropy.float().mean()),
-            "train/rollout_step": float(self.rollout_step),
-        }
-        groups: dict[str, list[float]] = {}
-        for p, value, ok in zip(rollout.prompts, rewards.tolist(), finite.tolist()):
-            if ok:
-                groups.setdefault(p.group, []).append(value)
-        for group, values in groups.items():
-            log[f"train/reward/{group}"] = sum(values) / len(values)
+        rollout = scored.rollout
+        log = self.reward_step_log(rollout.prompts, scored.rewards, scored.advantages,
+                                   entropy=float(rollout.sampled.entropy.float().mean()))
+        tokens = [u.scored_tokens for u in updates]
+        log.update(self.update_step_log(updates, tokens))
         if updates:
-            tokens = sum(u.scored_tokens for u in updates)
-            w = [u.scored_tokens / max(tokens, 1) for u in updates]
-            log["train/loss"] = sum(u.loss for u in updates) / len(updates)
-            log["train/kl"] = sum(u.kl * wi for u, wi in zip(updates, w))
-            log["train/ratio_mean"] = sum(u.ratio_mean * wi for u, wi in zip(updates, w))
-            log["train/clip_fraction/low"] = sum(u.clip_low * wi for u, wi in zip(updates, w))
-            log["train/clip_fraction/high"] = sum(u.clip_high * wi for u, wi in zip(updates, w))
-            log["train/grad_norm"] = sum(u.grad_norm for u in updates) / len(updates)
+            log["train/kl"] = token_weighted([u.kl for u in updates], tokens)
             for stage in Stage:
                 mine = [u for u in updates if u.stage == stage]
                 if mine:
                     log[f"train/{stage.value}/loss"] = sum(u.loss for u in mine) / len(mine)
                     log[f"train/{stage.value}/scored_tokens"] = sum(u.scored_tokens for u in mine) / len(mine)
-        for phase, seconds in timings.items():
-            log[f"time/{phase}_s"] = seconds
-        step_seconds = sum(timings.values())
-        log["perf/images_per_s"] = len(rollout) / max(timings.get("rollout", 0.0), 1e-9)
-        log["perf/tokens_per_s"] = rollout.sampled.codes.numel() / max(timings.get("rollout", 0.0), 1e-9)
-        log["perf/step_s"] = step_seconds
-        self.log_dict(log, batch_size=rollout.num_groups)
-        self.log("reward", log["train/reward/mean"], prog_bar=True, logger=False, batch_size=rollout.num_groups)
-
-    def configure_optimizers(self) -> Any:
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-        warmup = self.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Everything random in a step derives from (seed, rank, rollout_step): saving the counter makes resume exact.
-        checkpoint["htgrpo"] = {"rollout_step": self.rollout_step, "torch_rng": torch.get_rng_state()}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("htgrpo", {})
-        self.rollout_step = int(state.get("rollout_step", 0))
-        if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"])
-
-    @property
-    def rollout_step(self) -> int:
-        """Rollout batches done so far (Lightning's ``global_step`` counts the K updates of each)."""
-        return int(self.rollout_counter)
-
-    @rollout_step.setter
-    def rollout_step(self, value: int) -> None:
-        self.rollout_counter.fill_(int(value))
-
-    @property
-    def training_steps_done(self) -> int:
-        """Rollout batches trained on (what ``summary.json`` reports as ``steps``)."""
-        return self.rollout_step
+        log.update(self.perf_step_log(timings, len(rollout), rollout.sampled.codes.numel()))
+        self.emit_step_log(log, rollout.num_groups)
 
 
 def _validate_fraction(value: Any, key: str) -> None:

@@ -35,7 +35,7 @@ Lightning's ``global_step`` counts optimiser updates (K per rollout batch); ``ro
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 import random
 import time
@@ -46,15 +46,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from htgrpo.algorithms.base import PolicyModule
-from htgrpo.algorithms.grpo_math import LOSS_TYPES, SCALE_REWARDS, GroupAdvantages, group_advantages
-from htgrpo.algorithms.ht_grpo import _as_dict, _step_seed
+from htgrpo.algorithms.grpo_base import GroupedRollout, GRPOModule, as_dict
+from htgrpo.algorithms.grpo_math import GroupAdvantages, group_advantages
 from htgrpo.algorithms.mar_math import (
     CHANNEL_REDUCTIONS,
     KL_TYPES,
     MTE_MODES,
     RATIO_MODES,
     TOP_K_ROUNDINGS,
+    STD_CLAMPS,
     SelectionMasks,
     chain_log_prob,
     consistency_mask,
@@ -71,13 +71,16 @@ from htgrpo.data.records import BenchmarkPrompt
 from htgrpo.evaluation.benchmark import Benchmark
 from htgrpo.policies.mar.backbone import TextCondition
 from htgrpo.policies.mar.head import HeadChain
-from htgrpo.policies.mar.sampling import MARRollout, MARStepLog
+from htgrpo.policies.mar.sampling import MARRollout, MARSamplerSettings, MARStepLog, require_mar_sampler
 
 AR_STEP_REDUCTIONS = ("sum", "mean")
+# Release-difference switches (issue 12 item 4) default to the released code's behaviour: mte.score_std,
+# mte.min_tokens, consistency.from_step, consistency.requires_mte, logprob.clamp (see conf/algorithm/mar_grpo.yaml).
 MTE_DEFAULTS = {"enabled": True, "num_trajectories": 5, "top_k_percent": 30.0, "mode": "mean_log_prob",
-                "rounding": "floor"}
-CONSISTENCY_DEFAULTS = {"enabled": True, "threshold": 0.0}
-LOGPROB_DEFAULTS = {"channel_reduce": "sum", "min_std": 1.0e-6}
+                "rounding": "floor", "score_std": "rollout", "min_tokens": 1}
+CONSISTENCY_DEFAULTS = {"enabled": True, "threshold": 0.0, "from_step": 2, "requires_mte": True}
+LOGPROB_DEFAULTS = {"channel_reduce": "sum", "min_std": 1.0e-6, "clamp": "released"}
+MTE_SCORE_STDS = ("rollout", "own")
 QUIRK_DEFAULTS = {"harmon_mask_offset": False, "cond_only_logprob": False, "unguided_mte": False,
                   "reseed_global_rng": False, "dropout_in_loss": False}
 
@@ -88,7 +91,7 @@ QUIRK_DEFAULTS = {"harmon_mask_offset": False, "cond_only_logprob": False, "ungu
 
 
 @dataclass
-class MARGroupRollout:
+class MARGroupRollout(GroupedRollout):
     """G sampled images per prompt with MAR's per-step logs (group-contiguous: sample g·G + j).
 
     Attributes:
@@ -106,13 +109,6 @@ class MARGroupRollout:
     images: Tensor
     train_steps: list[int]
     num_generations: int
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.prompts) // self.num_generations
 
 
 @dataclass
@@ -221,7 +217,7 @@ class MARSelectionRecord:
 # ======================================================================================================================
 
 
-class MARGRPO(PolicyModule):
+class MARGRPO(GRPOModule):
     """MAR-GRPO: GRPO for MAR policies with MTE and consistency-aware token selection.
 
     Args:
@@ -255,6 +251,8 @@ class MARGRPO(PolicyModule):
         seed: seed of every random draw (combined with rank and rollout step).
         val_seed: validation sampling noise.
     """
+
+    checkpoint_state_key = "mar_grpo"  # this module's state in a Lightning checkpoint
 
     def __init__(
         self,
@@ -290,27 +288,18 @@ class MARGRPO(PolicyModule):
         seed: int = 0,
         val_seed: int = 1234,
     ):
-        from htgrpo.policies.mar.shapes import MARSamplerSettings, require_mar_sampler
-
         require_mar_sampler(sampler, "sampler")
         require_mar_sampler(rollout_sampler, "rollout_sampler")
         if policy is not None and not hasattr(policy, "mar"):
             raise ConfigError("policy", f"MAR-GRPO trains a MAR policy (policy=shapes_mar_warm), got "
                                         f"{type(policy).__name__}")
-        super().__init__(policy, benchmark, sampler or MARSamplerSettings(), val_seed)
-        self.automatic_optimization = False
-        self.reward_fn = reward
-        self.rollout_sampler = rollout_sampler or self.sampler
+        # Common keys, reference policy, rollout counter (grpo_base.GRPOModule): validated there with their names.
+        super().__init__(policy, reward, benchmark, sampler or MARSamplerSettings(), rollout_sampler,
+                         num_generations=num_generations, scale_rewards=scale_rewards, beta=beta, epsilon=epsilon,
+                         epsilon_high=epsilon_high, loss_type=loss_type, lr=lr, weight_decay=weight_decay, betas=betas,
+                         warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, seed=seed, val_seed=val_seed)
 
-        # --- validate every key up front: a bad value fails at start-up with its name -----------------------------
-        require(int(num_generations) >= 2, "num_generations",
-                f"must be >= 2 (a group needs a baseline), got {num_generations}")
-        require_choice(scale_rewards, SCALE_REWARDS, "scale_rewards")
-        require(float(beta) >= 0, "beta", f"must be >= 0, got {beta}")
-        require_range(float(epsilon), "epsilon", 0.0, 1.0, low_inclusive=False, high_inclusive=False)
-        require(epsilon_high is None or float(epsilon_high) > 0, "epsilon_high",
-                f"must be > 0 or null, got {epsilon_high}")
-        require_choice(loss_type, LOSS_TYPES, "loss_type")
+        # --- validate every MAR-GRPO key up front: a bad value fails at start-up with its name --------------------
         require_choice(ratio_mode, RATIO_MODES, "ratio_mode")
         require(int(num_inner_updates) >= 1, "num_inner_updates", f"must be >= 1, got {num_inner_updates}")
         require(ratio_mode == "ppo" or int(num_inner_updates) == 1, "num_inner_updates",
@@ -322,31 +311,21 @@ class MARGRPO(PolicyModule):
                 "num_train_diffusion_steps", f"must be >= 1 or null (all steps), got {num_train_diffusion_steps}")
         require_choice(ar_step_reduction, AR_STEP_REDUCTIONS, "ar_step_reduction")
         require_choice(kl_type, KL_TYPES, "kl_type")
-        require(float(lr) > 0, "lr", f"must be > 0, got {lr}")
-        require(float(weight_decay) >= 0, "weight_decay", f"must be >= 0, got {weight_decay}")
-        require(int(warmup_steps) >= 0, "warmup_steps", f"must be >= 0, got {warmup_steps}")
-        require(float(max_grad_norm) >= 0, "max_grad_norm", f"must be >= 0, got {max_grad_norm}")
         require(float(self.rollout_sampler.temperature) > 0, "rollout_sampler.temperature",
                 f"must be > 0 for MAR-GRPO rollouts (the logged transitions need a density), got "
                 f"{self.rollout_sampler.temperature}")
 
-        self.num_generations = int(num_generations)
-        self.scale_rewards, self.loss_type, self.ratio_mode = str(scale_rewards), str(loss_type), str(ratio_mode)
-        self.beta, self.epsilon = float(beta), float(epsilon)
-        self.epsilon_high = None if epsilon_high is None else float(epsilon_high)
+        self.ratio_mode = str(ratio_mode)
         self.num_inner_updates = int(num_inner_updates)
         self.num_train_ar_steps = None if num_train_ar_steps is None else int(num_train_ar_steps)
         self.num_train_diffusion_steps = None if num_train_diffusion_steps is None else int(num_train_diffusion_steps)
         self.share_diffusion_steps = bool(share_diffusion_steps)
         self.ar_step_reduction, self.kl_type = str(ar_step_reduction), str(kl_type)
-        self.lr, self.weight_decay = float(lr), float(weight_decay)
-        self.betas = tuple(float(b) for b in betas)
-        self.warmup_steps, self.max_grad_norm = int(warmup_steps), float(max_grad_norm)
-        self.seed = int(seed)
 
         self.logprob = _section("logprob", logprob, LOGPROB_DEFAULTS)
         require_choice(self.logprob["channel_reduce"], ("sum", "mean"), "logprob.channel_reduce")
         require(float(self.logprob["min_std"]) > 0, "logprob.min_std", f"must be > 0, got {self.logprob['min_std']}")
+        require_choice(self.logprob["clamp"], STD_CLAMPS, "logprob.clamp")
 
         self.mte = _section("mte", mte, MTE_DEFAULTS)
         self.mte["enabled"] = _flag(self.mte["enabled"], "mte.enabled")
@@ -361,6 +340,10 @@ class MARGRPO(PolicyModule):
         require_range(self.mte["top_k_percent"], "mte.top_k_percent", 0.0, 100.0)
         require_choice(self.mte["mode"], MTE_MODES, "mte.mode")
         require_choice(self.mte["rounding"], TOP_K_ROUNDINGS, "mte.rounding")
+        require_choice(self.mte["score_std"], MTE_SCORE_STDS, "mte.score_std")
+        require(_is_int(self.mte["min_tokens"]) and int(self.mte["min_tokens"]) >= 0, "mte.min_tokens",
+                f"must be an integer >= 0, got {self.mte['min_tokens']!r}")
+        self.mte["min_tokens"] = int(self.mte["min_tokens"])
 
         self.consistency = _section("consistency", consistency, CONSISTENCY_DEFAULTS)
         self.consistency["enabled"] = _flag(self.consistency["enabled"], "consistency.enabled")
@@ -370,6 +353,11 @@ class MARGRPO(PolicyModule):
             raise ConfigError("consistency.threshold", f"must be a number in [-2, 2], got "
                                                        f"{self.consistency['threshold']!r}") from None
         require_range(self.consistency["threshold"], "consistency.threshold", -2.0, 2.0)
+        require(_is_int(self.consistency["from_step"]) and int(self.consistency["from_step"]) >= 1,
+                "consistency.from_step", f"must be an integer >= 1 (step 0 has no previous step), got "
+                                         f"{self.consistency['from_step']!r}")
+        self.consistency["from_step"] = int(self.consistency["from_step"])
+        self.consistency["requires_mte"] = _flag(self.consistency["requires_mte"], "consistency.requires_mte")
 
         self.quirks = _section("quirks", quirks, QUIRK_DEFAULTS)
         for key in QUIRK_DEFAULTS:
@@ -381,14 +369,10 @@ class MARGRPO(PolicyModule):
             self.policy.mar.diffloss.requires_grad_(False)
         if self.freeze_conditioner and policy is not None and self.policy.mar.conditioner is not None:
             self.policy.mar.conditioner.requires_grad_(False)
-        # The frozen reference: a copy of the starting policy (skipped when beta = 0).
-        self.reference = copy.deepcopy(policy).requires_grad_(False) if self.beta > 0 and policy is not None else None
-        self.register_buffer("rollout_counter", torch.zeros((), dtype=torch.long))
         self.last_update_stats: list[MARUpdateStats] = []
         self.last_rollout: MARGroupRollout | None = None
         self.last_advantages: GroupAdvantages | None = None
         self.last_selection: MARSelectionRecord | None = None
-        self.last_timings: dict[str, float] = {}
         self.save_hyperparameters(ignore=["policy", "reward", "benchmark", "sampler", "rollout_sampler"])
 
     # ===================================================================================================
@@ -424,10 +408,6 @@ class MARGRPO(PolicyModule):
         self.rollout_step += 1
 
     # -- 1. rollout ----------------------------------------------------------------------------------------
-    def _generator(self, stream: int) -> torch.Generator:
-        return torch.Generator(device=self.policy.device).manual_seed(
-            _step_seed(self.seed, self.global_rank, self.rollout_step, stream))
-
     def choose_train_steps(self, num_ar_steps: int, generator: torch.Generator) -> list[int]:
         """The AR steps trained on this rollout: ``num_train_ar_steps`` of ``range(num_ar_steps)`` at random."""
         n = num_ar_steps if self.num_train_ar_steps is None else min(self.num_train_ar_steps, num_ar_steps)
@@ -439,11 +419,10 @@ class MARGRPO(PolicyModule):
         """Sample ``num_generations`` images per prompt (eval mode, no grad), logging the trained steps' chains."""
         G = self.num_generations
         prompts = [p for p in batch.prompts for _ in range(G)]
-        generator = self._generator(0)
+        generator = self.step_generator(0)
         train_steps = self.choose_train_steps(int(self.rollout_sampler.num_ar_steps), generator)
         log_steps = set(train_steps)
-        if self.consistency["enabled"]:
-            log_steps |= {i - 1 for i in train_steps if i > 0}
+        log_steps |= {i - 1 for i in train_steps if self.consistency_applies(i)}
         was_training = self.policy.training
         self.policy.eval()
         try:
@@ -455,14 +434,7 @@ class MARGRPO(PolicyModule):
             self.policy.train(was_training)
         return MARGroupRollout(prompts, condition, sampled.rollout, images, train_steps, G)
 
-    # -- 2. reward -----------------------------------------------------------------------------------------
-    def reward(self, rollout: MARGroupRollout) -> Tensor:
-        """Scores from the reward function, (B·G,) float32 (NaN where a scorer failed: advantage 0)."""
-        records = [p.record for p in rollout.prompts]
-        rewards = torch.as_tensor(self.reward_fn(rollout.images, records), dtype=torch.float32).reshape(-1)
-        if rewards.numel() != len(rollout):
-            raise RuntimeError(f"reward returned {rewards.numel()} values for {len(rollout)} images")
-        return rewards
+    # -- 2. reward: GRPOModule.reward (safe_score: a scorer exception for an image becomes NaN, advantage 0) ----
 
     # -- 4. multi-trajectory expectation -------------------------------------------------------------------
     @torch.no_grad()
@@ -488,13 +460,14 @@ class MARGRPO(PolicyModule):
             torch.manual_seed(random.randint(0, 10000))
             generator = None
         elif generator is None:
-            generator = self._generator(2)
+            generator = self.step_generator(2)
         T = head.gen_diffusion.num_timesteps
         noise = torch.randn((S, T + 1, N, D), generator=generator, device=z.device, dtype=z.dtype)
         chain = sample_mte_chains(head, z, z_u, cfg_tok if guided else 1.0, S, r.temperature, noise, batched)
         finals = chain.final.view(S, B, L, D)
         uncertainty = token_uncertainty(finals)
-        critic = top_k_percent_mask(uncertainty, float(self.mte["top_k_percent"]), rounding=self.mte["rounding"])
+        critic = top_k_percent_mask(uncertainty, float(self.mte["top_k_percent"]), rounding=self.mte["rounding"],
+                                    min_count=self.mte["min_tokens"])
         return MTEChains(chain=chain, num_trajectories=S, uncertainty=uncertainty, critic=critic)
 
     # -- 5. plan -------------------------------------------------------------------------------------------
@@ -502,7 +475,7 @@ class MARGRPO(PolicyModule):
     def plan_updates(self, rollout: MARGroupRollout, mte: MTEChains | None) -> list[ARStepPlan]:
         """Per trained AR step: scored transitions, token masks, reference means and (ppo) old log-probs."""
         r = rollout.rollout
-        generator = self._generator(1)
+        generator = self.step_generator(1)
         self.policy.use_sampling_steps(self.rollout_sampler.num_diffusion_steps)
         if self.reference is not None:
             self.reference.use_sampling_steps(self.rollout_sampler.num_diffusion_steps)
@@ -517,7 +490,7 @@ class MARGRPO(PolicyModule):
             else:
                 dsteps = torch.randperm(T, generator=generator, device=generator.device)[:k].sort().values
             consistency, delta = None, None
-            if self.consistency["enabled"] and i > 0:
+            if self.consistency_applies(i):
                 prev = r.steps[i - 1].proposals
                 cur, final = log.proposals, r.tokens
                 delta = (torch.nn.functional.cosine_similarity(cur, final, dim=-1)
@@ -548,7 +521,8 @@ class MARGRPO(PolicyModule):
         """
         r = rollout.rollout
         log: MARStepLog = r.steps[plan.step]
-        mar = model.mar
+        # What computes z from the condition: the MAR itself, or Harmon's MAR encoder -> LLM -> decoder.
+        mar = model.ar_model if hasattr(model, "ar_model") else model.mar
         B, L, D = r.tokens.shape
         train_mode = self.quirks["dropout_in_loss"] if train_mode is None else train_mode
         was_training = model.training
@@ -561,9 +535,7 @@ class MARGRPO(PolicyModule):
             cond = mar.condition_embedding(rollout.condition, batch_size=B)
             if guided:
                 uncond = mar.unconditional_embedding(B, like=cond)
-                z_both = mar.ar_latents(torch.cat([log.input_tokens, log.input_tokens]), torch.cat([mask, mask]),
-                                        torch.cat([cond, uncond]))
-                z, z_u = z_both.chunk(2, dim=0)
+                z, z_u = mar.guided_ar_latents(log.input_tokens, mask, cond, uncond)
             else:
                 z, z_u = mar.ar_latents(log.input_tokens, mask, cond), None
             z = z.reshape(B * L, -1)
@@ -571,18 +543,23 @@ class MARGRPO(PolicyModule):
             cfg = float(log.cfg) if guided else 1.0
             head = mar.diffloss
             reduce, min_std = self.logprob["channel_reduce"], float(self.logprob["min_std"])
+            clamp = self.logprob["clamp"]
             idx = plan.scored
             score = head.score_chain(z[idx], log.chain.select(idx), steps=plan.diffusion_steps,
                                      z_uncond=None if z_u is None else z_u[idx], cfg=cfg, reduce=reduce,
-                                     min_std=min_std)
+                                     min_std=min_std, clamp=clamp)
             single = chain_log_prob(score.log_prob)                                  # (n,)
             logp = single
             if mte is not None and bool(plan.critic.any()):
                 cidx = idx[plan.critic]
                 S = mte.num_trajectories
-                mscore = head.score_chain(z[cidx].repeat(S, 1), mte.select(cidx), steps=plan.diffusion_steps,
+                chains = mte.select(cidx)
+                if self.mte["score_std"] == "rollout":
+                    # The release scores every extra chain with the ROLLOUT chain's std at this AR step (s-major).
+                    chains = dataclasses.replace(chains, log_variance=log.chain.log_variance[:, cidx].repeat(1, S, 1))
+                mscore = head.score_chain(z[cidx].repeat(S, 1), chains, steps=plan.diffusion_steps,
                                           z_uncond=None if z_u is None else z_u[cidx].repeat(S, 1), cfg=cfg,
-                                          reduce=reduce, min_std=min_std)
+                                          reduce=reduce, min_std=min_std, clamp=clamp)
                 mte_c = chain_log_prob(mscore.log_prob).view(S, -1)                 # (S, n_c)
                 mte_terms = single.detach().unsqueeze(0).repeat(S, 1)
                 mte_terms = mte_terms.index_copy(1, plan.critic.nonzero().squeeze(1), mte_c)
@@ -591,6 +568,13 @@ class MARGRPO(PolicyModule):
             return StepTerms(logp=full.view(B, L), mean=score.mean)
         finally:
             model.train(was_training)
+
+    def consistency_applies(self, step: int) -> bool:
+        """Whether AR step ``step`` gets the consistency test: ``consistency.enabled``, ``step >= from_step`` (the
+        release: i > 1, i.e. from_step 2) and, with ``requires_mte`` (the release: only under use_critic_token), MTE on.
+        """
+        c = self.consistency
+        return bool(c["enabled"] and step >= c["from_step"] and (self.mte["enabled"] or not c["requires_mte"]))
 
     # -- 6. one update -------------------------------------------------------------------------------------
     def update(self, rollout: MARGroupRollout, mte: MTEChains | None, plans: list[ARStepPlan], advantages: Tensor,
@@ -632,25 +616,13 @@ class MARGRPO(PolicyModule):
                 kl=float(out.kl.detach()), ratio_mean=out.ratio_mean, clip_low=low, clip_high=high,
                 policy_tokens=out.kept_tokens, kl_tokens=int(plan.masks.kl.sum()),
                 critic_tokens=int(plan.critic.sum()), consistency_kept=kept, ratios=ratio[m].cpu()))
-        grad_norm = self._clip_and_step(optimizer)
+        grad_norm = self.clip_and_step(optimizer)
         for s in stats:
             s.grad_norm = grad_norm
         return stats
 
-    def _clip_and_step(self, optimizer: Any) -> float:
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
-                if params else torch.zeros(()))
-        if self.max_grad_norm > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-        optimizer.step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        return float(norm)
-
     # ===================================================================================================
-    # Logging, optimiser, checkpoint state
+    # Logging (optimiser, clip-and-step and checkpoint state: GRPOModule)
     # ===================================================================================================
     def _selection_record(self, rollout: MARGroupRollout, mte: MTEChains | None,
                           plans: list[ARStepPlan]) -> MARSelectionRecord:
@@ -673,79 +645,22 @@ class MARGRPO(PolicyModule):
 
     def _log_step(self, rollout: MARGroupRollout, rewards: Tensor, adv: GroupAdvantages, mte: MTEChains | None,
                   plans: list[ARStepPlan], updates: list[MARUpdateStats], timings: dict[str, float]) -> None:
-        finite = torch.isfinite(rewards)
-        rv = rewards[finite]
         r = rollout.rollout
-        log = {
-            "train/reward/mean": float(rv.mean()) if rv.numel() else math.nan,
-            "train/reward/std": float(rv.std()) if rv.numel() > 1 else 0.0,
-            "train/zero_variance_fraction": adv.zero_variance_fraction,
-            "train/nonfinite_rewards": float(adv.nonfinite_rewards),
-            "train/entropy": _gaussian_entropy(r),
-            "train/rollout_step": float(self.rollout_step),
-        }
-        groups: dict[str, list[float]] = {}
-        for p, value, ok in zip(rollout.prompts, rewards.tolist(), finite.tolist()):
-            if ok:
-                groups.setdefault(p.group, []).append(value)
-        for group, values in groups.items():
-            log[f"train/reward/{group}"] = sum(values) / len(values)
+        log = self.reward_step_log(rollout.prompts, rewards, adv, entropy=_gaussian_entropy(r))
+        tokens = [u.policy_tokens for u in updates]
+        log.update(self.update_step_log(updates, tokens))
         if updates:
-            tokens = sum(u.policy_tokens for u in updates)
-            w = [u.policy_tokens / max(tokens, 1) for u in updates]
-            log["train/loss"] = sum(u.loss for u in updates) / len(updates)
             log["train/policy_loss"] = sum(u.policy_loss for u in updates) / len(updates)
             log["train/kl"] = sum(u.kl for u in updates) / len(updates)
-            log["train/ratio_mean"] = sum(u.ratio_mean * wi for u, wi in zip(updates, w))
-            log["train/clip_fraction/low"] = sum(u.clip_low * wi for u, wi in zip(updates, w))
-            log["train/clip_fraction/high"] = sum(u.clip_high * wi for u, wi in zip(updates, w))
-            log["train/grad_norm"] = sum(u.grad_norm for u in updates) / len(updates)
-            log["train/policy_tokens"] = tokens / len(updates)
+            log["train/policy_tokens"] = sum(tokens) / len(updates)
             log["train/consistency/kept_fraction"] = sum(u.consistency_kept for u in updates) / len(updates)
         if mte is not None:
             log["train/mte/uncertainty_mean"] = float(mte.uncertainty.mean())
             log["train/mte/uncertainty_critic_mean"] = float(mte.uncertainty[mte.critic].mean()) \
                 if bool(mte.critic.any()) else 0.0
             log["train/mte/critic_tokens"] = sum(u.critic_tokens for u in updates) / max(len(updates), 1)
-        for phase, seconds in timings.items():
-            log[f"time/{phase}_s"] = seconds
-        log["perf/images_per_s"] = len(rollout) / max(timings.get("rollout", 0.0), 1e-9)
-        log["perf/tokens_per_s"] = r.tokens.shape[0] * r.tokens.shape[1] / max(timings.get("rollout", 0.0), 1e-9)
-        log["perf/step_s"] = sum(timings.values())
-        self.log_dict(log, batch_size=rollout.num_groups)
-        self.log("reward", log["train/reward/mean"], prog_bar=True, logger=False, batch_size=rollout.num_groups)
-
-    def configure_optimizers(self) -> Any:
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-        warmup = self.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                      lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Everything random in a step derives from (seed, rank, rollout_step): saving the counter makes resume exact.
-        checkpoint["mar_grpo"] = {"rollout_step": self.rollout_step, "torch_rng": torch.get_rng_state()}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("mar_grpo", {})
-        self.rollout_step = int(state.get("rollout_step", 0))
-        if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"])
-
-    @property
-    def rollout_step(self) -> int:
-        """Rollout batches done so far (Lightning's ``global_step`` counts the K updates of each)."""
-        return int(self.rollout_counter)
-
-    @rollout_step.setter
-    def rollout_step(self, value: int) -> None:
-        self.rollout_counter.fill_(int(value))
-
-    @property
-    def training_steps_done(self) -> int:
-        """Rollout batches trained on (what ``summary.json`` reports as ``steps``)."""
-        return self.rollout_step
+        log.update(self.perf_step_log(timings, len(rollout), r.tokens.shape[0] * r.tokens.shape[1]))
+        self.emit_step_log(log, rollout.num_groups)
 
 
 # ======================================================================================================================
@@ -805,7 +720,7 @@ def _flag(value: Any, key: str) -> bool:
 
 def _section(name: str, value: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
     """``defaults`` updated with ``value``; unknown keys are a ConfigError naming ``name.<key>``."""
-    given = _as_dict(value)
+    given = as_dict(value)
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise ConfigError(f"{name}.{unknown[0]}", f"unknown key; {name} takes {sorted(defaults)}")

@@ -46,6 +46,7 @@ __all__ = [
     "KL_TYPES",
     "MTE_MODES",
     "RATIO_MODES",
+    "STD_CLAMPS",
     "STEP_REDUCTIONS",
     "TOP_K_ROUNDINGS",
     "MarGrpoLoss",
@@ -73,6 +74,8 @@ TOP_K_ROUNDINGS: tuple[str, ...] = ("floor", "round")
 MTE_MODES: tuple[str, ...] = ("mean_log_prob", "log_mean_prob")
 #: KL forms of :func:`gaussian_mean_kl`.
 KL_TYPES: tuple[str, ...] = ("gaussian", "released")
+#: How ``min_std`` bounds the std in :func:`gaussian_log_prob` (``released``: the variance in the division).
+STD_CLAMPS: tuple[str, ...] = ("released", "std")
 #: Ratio forms of :func:`importance_ratio`.
 RATIO_MODES: tuple[str, ...] = ("released", "ppo")
 
@@ -97,12 +100,17 @@ def _reduce_channels(x: Tensor, reduce: str) -> Tensor:
 # per-transition and per-chain log-probabilities
 # ---------------------------------------------------------------------------------------------------------------
 def gaussian_log_prob(x: Tensor, mean: Tensor, log_variance: Tensor | float, reduce: str = "sum",
-                      min_std: float | None = None) -> Tensor:
+                      min_std: float | None = None, clamp: str = "std") -> Tensor:
     """Per-token log-density of one Gaussian transition, reduced over the channel (last) dim.
 
     Elementwise, with ``s = exp(log_variance / 2)`` (``s = max(s, min_std)`` if ``min_std`` is given)::
 
         lp_c = -(x_c - mean_c)^2 / (2 s_c^2) - log s_c - 0.5 * log(2*pi)
+
+    ``clamp="released"`` bounds the variance instead of the std in the division, with the same constant, as the
+    released code does (``(std**2).clamp(1e-6)`` there, ``std.clamp(1e-6)`` in the log)::
+
+        lp_c = -(x_c - mean_c)^2 / (2 max(s_c^2, min_std)) - log max(s_c, min_std) - 0.5 * log(2*pi)
 
     and per token ``sum_c lp_c`` (``reduce="sum"``, default), ``mean_c lp_c`` (``"mean"``) or ``lp`` itself
     (``"none"``). ``"sum"`` is the exact log N(x; mean, diag(s^2)) of the D-dim token, so its gradient is the
@@ -134,7 +142,11 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, log_variance: Tensor | float, red
         if not float(min_std) > 0:
             raise ValueError(f"min_std must be > 0, got {min_std}")
         log_std = torch.clamp(log_std, min=math.log(float(min_std)))
-    lp = -((x - mean) ** 2) * torch.exp(-2.0 * log_std) / 2.0 - log_std - _HALF_LOG_2PI
+    _check_choice("clamp", clamp, STD_CLAMPS)
+    log_var_div = 2.0 * log_std
+    if min_std is not None and clamp == "released":
+        log_var_div = torch.clamp(lv, min=math.log(float(min_std)))
+    lp = -((x - mean) ** 2) * torch.exp(-log_var_div) / 2.0 - log_std - _HALF_LOG_2PI
     return _reduce_channels(lp, reduce)
 
 
@@ -200,14 +212,15 @@ def token_uncertainty(final_samples: Tensor) -> Tensor:
     return final_samples.std(dim=0, unbiased=False).mean(dim=-1)
 
 
-def top_k_count(count: int, k_percent: float, rounding: str = "floor") -> int:
+def top_k_count(count: int, k_percent: float, rounding: str = "floor", min_count: int = 0) -> int:
     """How many of ``count`` tokens are "the top ``k_percent`` %".
 
     ``q = k_percent/100 * count`` evaluated exactly on the decimal value of ``k_percent`` (so 30% of 10 is exactly
     3), then ``floor(q)`` (``"floor"``, default) or ``floor(q + 1/2)`` (``"round"``, half up). ``"floor"`` is the
     release's ``int(N * top_mask_percent)`` (reference §1.6.3, §4.3: "exactly int(0.3·L) ones"); the release's
     float product can lose one for some (k, N) pairs (e.g. ``int(90 * 0.7) == 62``), the exact rule here does not
-    (for k = 30% the two agree for every N < 5000).
+    (for k = 30% the two agree for every N < 5000). ``min_count`` is a floor on the result (capped at ``count``):
+    the release takes ``max(1, int(N * k))``, so it picks one token even where ``int(0.3 * N) == 0`` (N <= 3).
 
     Raises:
         ValueError: ``k_percent`` outside [0, 100] (or not a real number), ``count < 0``, unknown ``rounding``.
@@ -219,15 +232,18 @@ def top_k_count(count: int, k_percent: float, rounding: str = "floor") -> int:
         raise ValueError(f"count must be >= 0, got {count}")
     q = Fraction(repr(float(k_percent))) * int(count) / 100
     n = math.floor(q) if rounding == "floor" else math.floor(q + Fraction(1, 2))
-    return min(int(count), n)
+    if int(min_count) < 0:
+        raise ValueError(f"min_count must be >= 0, got {min_count}")
+    return min(int(count), max(n, int(min_count)))
 
 
 def top_k_percent_mask(scores: Tensor, k_percent: float, valid: Tensor | None = None,
-                       rounding: str = "floor") -> Tensor:
+                       rounding: str = "floor", min_count: int = 0) -> Tensor:
     """Boolean mask of the ``k_percent`` % highest-score tokens, per image.
 
     For a 1-D ``(N,)`` input this is one image; for ``(B, L)`` every row is an image and only its ``valid``
-    positions (all if ``None``) compete. Row ``b`` selects exactly ``top_k_count(n_b, k_percent, rounding)`` tokens,
+    positions (all if ``None``) compete. Row ``b`` selects exactly ``top_k_count(n_b, k_percent, rounding,
+    min_count)`` tokens,
     ``n_b`` = its valid count (0% -> none, 100% -> all valid ones). Order: higher score first; NaN scores rank
     below every number; ties go to the lower position index (deterministic). Padding is never selected.
 
@@ -251,7 +267,7 @@ def top_k_percent_mask(scores: Tensor, k_percent: float, valid: Tensor | None = 
     _, order = torch.sort(key, dim=1, descending=True, stable=True)
     _, idx = torch.sort(v.gather(1, order).to(torch.int8), dim=1, descending=True, stable=True)
     order = order.gather(1, idx)
-    counts = [top_k_count(int(n), k_percent, rounding) for n in v.sum(dim=1).tolist()]
+    counts = [top_k_count(int(n), k_percent, rounding, min_count) for n in v.sum(dim=1).tolist()]
     take = torch.arange(L, device=s.device).unsqueeze(0) < torch.tensor(counts, device=s.device).unsqueeze(1)
     mask = torch.zeros((B, L), dtype=torch.bool, device=s.device).scatter(1, order, take)
     return mask[0] if scores.dim() == 1 else mask

@@ -530,6 +530,7 @@ def _read_dpg_csv(path: PathLike) -> tuple[Path, dict[str, _CsvItem]]:
         header: list[str] | None = None
         col: dict[str, int] = {}
         prev_line = 0
+        data_row = -1  # 0-based index of the data row, as pandas' iterrows() counts (blank lines skipped)
         try:
             for row in reader:
                 line = prev_line + 1  # physical line where this record starts (header = line 1)
@@ -556,6 +557,7 @@ def _read_dpg_csv(path: PathLike) -> tuple[Path, dict[str, _CsvItem]]:
                     col = {c: row.index(c) for c in DPG_CSV_COLUMNS}
                     continue
                 source = f"{f}:{line}"
+                data_row += 1
                 if len(row) != len(header):
                     raise _error(
                         source,
@@ -608,6 +610,7 @@ def _read_dpg_csv(path: PathLike) -> tuple[Path, dict[str, _CsvItem]]:
                     category_detailed=detailed,
                     tuple=tup,
                     question=question,
+                    row=data_row,
                 )
                 item = items.get(item_id)
                 if item is None:

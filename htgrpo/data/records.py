@@ -128,6 +128,8 @@ class DPGProposition:
         category_detailed: L2 category, e.g. ``color`` or ``spatial``.
         tuple: the DSG tuple, ``"<broad> - <detailed> (args, ...)"``.
         question: the natural-language yes/no question.
+        row: 0-based data-row index in the CSV it was read from (pandas' ``iterrows`` index; None when not read
+            from a CSV). DPG-Bench applies the dependency rule in CSV row order, and its script skips row 0.
     """
 
     proposition_id: int
@@ -136,6 +138,7 @@ class DPGProposition:
     category_detailed: str
     tuple: str
     question: str
+    row: int | None = field(default=None, compare=False)
 
     @property
     def parents(self) -> tuple[int, ...]:
@@ -170,3 +173,65 @@ class BenchmarkPrompt:
     prompt: str
     group: str
     record: Union[GenEvalRecord, DPGItem] = field(compare=False)
+
+
+# ---- JSON form of records (the reward server's wire format; never pickle) ---------------------------------------
+RecordLike = Union[GenEvalRecord, DPGItem, str, None]
+
+
+def record_to_json(record: RecordLike) -> Any:
+    """A record as plain JSON, tagged with ``type``.
+
+    * ``GenEvalRecord`` -> ``{"type": "geneval", "tag", "include", ["exclude"], "prompt"}`` (the official line + type);
+    * ``DPGItem`` -> ``{"type": "dpg", "item_id", "prompt", "keywords", "propositions": [{"proposition_id",
+      "dependency", "category_broad", "category_detailed", "tuple", "question"}, ...]}``;
+    * a bare prompt string -> ``{"type": "prompt", "prompt": ...}``; ``None`` -> ``None``.
+    """
+    if record is None:
+        return None
+    if isinstance(record, GenEvalRecord):
+        return {"type": "geneval", **record.to_json()}
+    if isinstance(record, DPGItem):
+        return {"type": "dpg", "item_id": record.item_id, "prompt": record.prompt, "keywords": record.keywords,
+                "propositions": [{"proposition_id": p.proposition_id, "dependency": list(p.dependency),
+                                  "category_broad": p.category_broad, "category_detailed": p.category_detailed,
+                                  "tuple": p.tuple, "question": p.question} for p in record.propositions]}
+    if isinstance(record, str):
+        return {"type": "prompt", "prompt": record}
+    raise TypeError(f"cannot serialise a record of type {type(record).__name__}")
+
+
+def record_from_json(obj: Any, source: str = "record") -> RecordLike:
+    """Inverse of :func:`record_to_json`. Raises ``MetadataError`` naming ``source`` on a malformed object."""
+    if obj is None:
+        return None
+    if not isinstance(obj, dict) or obj.get("type") not in ("geneval", "dpg", "prompt"):
+        raise MetadataError(f"{source}: expected null or an object with type geneval | dpg | prompt, got {str(obj)[:200]}")
+    kind = obj["type"]
+    try:
+        if kind == "prompt":
+            return str(obj["prompt"])
+        if kind == "geneval":
+            from htgrpo.data.loaders import parse_geneval_record
+
+            return parse_geneval_record({k: v for k, v in obj.items() if k != "type"}, source)
+        props = tuple(
+            DPGProposition(int(p["proposition_id"]), tuple(int(d) for d in p["dependency"]), str(p["category_broad"]),
+                           str(p["category_detailed"]), str(p["tuple"]), str(p["question"]))
+            for p in obj.get("propositions", [])
+        )
+        return DPGItem(str(obj["item_id"]), str(obj["prompt"]), props, str(obj.get("keywords", "")))
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, MetadataError):
+            raise
+        raise MetadataError(f"{source}: malformed {kind} record ({type(err).__name__}: {err})") from None
+
+
+def record_prompt(record: RecordLike) -> str:
+    """The prompt text of a record (GenEval / DPG record, or a bare prompt string)."""
+    if isinstance(record, str):
+        return record
+    prompt = getattr(record, "prompt", None)
+    if not isinstance(prompt, str):
+        raise ValueError(f"record {record!r} carries no prompt text")
+    return prompt

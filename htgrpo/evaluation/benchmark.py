@@ -6,6 +6,7 @@ The same object drives validation inside ``fit`` (through a torchmetrics metric,
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,15 @@ class Benchmark:
     def make_metric(self) -> GenEvalMetric | DPGMetric:
         return GenEvalMetric() if self.kind == "geneval" else DPGMetric()
 
+    def prepare(self) -> None:
+        """Start-up work before generating: load the scorer's models (scorers load lazily, so building a benchmark
+        that never scores needs no weights) and check the prompts against the scorer (e.g. GenEval classes the
+        detector lacks -> ``MetadataError`` with ``file:line``)."""
+        if hasattr(self.scorer, "load"):
+            self.scorer.load()
+        if hasattr(self.scorer, "check_prompt_set"):
+            self.scorer.check_prompt_set(self.prompts)
+
     def score(self, prompts: Sequence[BenchmarkPrompt], images: torch.Tensor,
               metric: GenEvalMetric | DPGMetric | None = None) -> list[dict[str, Any]]:
         """Score ``images`` (prompt-major: ``images_per_prompt`` consecutive images per prompt).
@@ -68,13 +78,26 @@ class Benchmark:
         if images.shape[0] != len(prompts) * ipp:
             raise ValueError(f"expected {len(prompts) * ipp} images for {len(prompts)} prompts, got {images.shape[0]}")
         expanded = [p for p in prompts for _ in range(ipp)]
-        results = self.scorer.score(images, [p.record for p in expanded])
         rows: list[dict[str, Any]] = []
+        if self.kind == "dpg" and hasattr(self.scorer, "score_prompts"):
+            # Prompt-level scoring over the prompt's crops (DPG-Bench's category_mode / skip_first_row need it).
+            for p, r in zip(prompts, self.scorer.score_prompts(images, [p.record for p in prompts], ipp)):
+                for i in range(ipp):
+                    rows.append({"item_id": p.key, "image_index": i, "prompt": p.prompt,
+                                 "score": float(r.crop_scores[i]) if r.crop_scores else float("nan"),
+                                 "prompt_score": float(r.score), "skipped": r.skipped})
+                if metric is not None and not r.skipped:
+                    metric.update(list(r.crop_scores), [r.category_scores])
+            return rows
+        results = self.scorer.score(images, [p.record for p in expanded])
         if self.kind == "geneval":
             for i, (p, r) in enumerate(zip(expanded, results)):
-                rows.append({"key": p.key, "image_index": i % ipp, "tag": p.group, "prompt": p.prompt,
-                             "correct": bool(r.correct), "partial": float(r.partial), "reason": r.reason,
-                             "metadata": p.record.to_json()})
+                row = {"key": p.key, "image_index": i % ipp, "tag": p.group, "prompt": p.prompt,
+                       "correct": bool(r.correct), "partial": float(r.partial), "reason": r.reason,
+                       "metadata": p.record.to_json()}
+                if hasattr(r, "details"):  # detector-based scorers: kept boxes per class (GenEval's `details`)
+                    row["details"] = json.dumps(r.details)
+                rows.append(row)
             if metric is not None:
                 metric.update([p.group for p in expanded], [bool(r.correct) for r in results])
         else:
@@ -120,11 +143,13 @@ class BenchmarkReport:
 
 
 def run_benchmark(benchmark: Benchmark, image_generator: ImageGenerator, seed: int = 0,
-                  samples_per_group: int = 8, progress: bool = True) -> BenchmarkReport:
+                  samples_per_group: int = 8, progress: bool = True,
+                  image_dir: str | Path | None = None) -> BenchmarkReport:
     """Generate ``images_per_prompt`` images for every prompt, score them, and summarise.
 
     Images are generated in batches of ``benchmark.batch_size`` with one ``torch.Generator`` seeded
-    by ``seed``, so the same policy and seed reproduce the same report.
+    by ``seed``, so the same policy and seed reproduce the same report. With ``image_dir`` every image is
+    saved in the official layout (``htgrpo.evaluation.official``) and its path goes in the row's ``filename``.
     """
     prompts = benchmark.prompts.prompts
     ipp = benchmark.images_per_prompt
@@ -144,7 +169,14 @@ def run_benchmark(benchmark: Benchmark, image_generator: ImageGenerator, seed: i
         expanded = [p for p in chunk for _ in range(ipp)]
         with torch.no_grad():
             images = image_generator.generate(expanded, generator).cpu()
-        rows.extend(benchmark.score(chunk, images, metric))
+        batch_rows = benchmark.score(chunk, images, metric)
+        if image_dir is not None:
+            from htgrpo.evaluation.official import save_dpg_grids, save_geneval_images
+
+            save = save_geneval_images if benchmark.kind == "geneval" else save_dpg_grids
+            for row, path in zip(batch_rows, save(Path(image_dir), chunk, images)):
+                row["filename"] = path
+        rows.extend(batch_rows)
         for j, p in enumerate(chunk):
             bucket = samples.setdefault(p.group, [])
             if len(bucket) < samples_per_group * ipp:

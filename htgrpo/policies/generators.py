@@ -1,18 +1,17 @@
-"""Image generators used by validation and ``evaluate``: a masked-diffusion policy with its sampler, the
-oracle (ground-truth scenes) and uniform random image tokens; plus the policy factory used by configs."""
+"""Image generators used by validation, ``evaluate`` and ``generate``: a trainable policy with its sampler settings.
+
+ShapesWorld's own generators (oracle, random tokens) and the toy policy factory live in
+:mod:`htgrpo.policies.shapes_llada`; MMaDA / Lumina-DiMOO builders in :mod:`htgrpo.policies.pretrained`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from htgrpo.config import ConfigError, require, require_choice
+from htgrpo.config import require, require_choice
 from htgrpo.data.records import BenchmarkPrompt
-from htgrpo.data.shapes.palette import ShapesWorldConfig
 
 SAMPLERS = ("maskgit", "emerge")
 
@@ -82,77 +81,12 @@ class PolicyImageGenerator:
         gen = generator if device.type == "cpu" else torch.Generator(device).manual_seed(
             int(torch.randint(0, 2**62, (1,), generator=generator)))
         sampled = self.sampler.sample(self.policy, prompt_tokens, generator=gen)
-        images = self.policy.image_tokenizer.decode(sampled.codes.cpu())
+        if getattr(sampled, "codes", None) is not None:   # palette / VQ codes
+            images = self.policy.image_tokenizer.decode(sampled.codes.cpu())
+        else:                                            # continuous tokens (MAR with a VAE: Harmon)
+            images = self.policy.decode_tokens(sampled.tokens)
         self.policy.train(was_training)
         return images
-
-
-class OraclePolicy:
-    """Renders, for each prompt, a random ShapesWorld scene that satisfies its metadata.
-
-    Scoring its images must give ~1.0 (GenEval) / ~100 (DPG): an end-to-end check of the scorers.
-    """
-
-    def __init__(self, world: ShapesWorldConfig):
-        self.world = world
-
-    def generate(self, prompts: Sequence[BenchmarkPrompt], generator: torch.Generator) -> torch.Tensor:
-        from htgrpo.data.prompt_sets import render_record
-
-        seeds = torch.randint(0, 2**62, (len(prompts),), generator=generator).tolist()
-        return torch.stack([render_record(p.record, np.random.default_rng(s), self.world) for p, s in zip(prompts, seeds)])
-
-
-class RandomTokenPolicy:
-    """Uniformly random image tokens through the palette tokenizer: the floor every policy must beat."""
-
-    def __init__(self, world: ShapesWorldConfig):
-        from htgrpo.policies.tokenizers import PaletteImageTokenizer
-
-        self.world = world
-        self.tokenizer = PaletteImageTokenizer(grid_size=world.grid_size, cell_px=world.cell_px)
-
-    def generate(self, prompts: Sequence[BenchmarkPrompt], generator: torch.Generator) -> torch.Tensor:
-        codes = torch.randint(0, self.tokenizer.codebook_size, (len(prompts), self.world.num_cells), generator=generator)
-        return self.tokenizer.decode(codes)
-
-
-def build_masked_diffusion_policy(world: ShapesWorldConfig, init: str = "scratch", pretrained_path: str | None = None,
-                                  d_model: int = 64, n_layers: int = 4, n_heads: int = 4, mlp_ratio: float = 3.0,
-                                  max_text_len: int = 40, rope_theta: float = 10000.0,
-                                  grid_position_embedding: bool = True):
-    """Build the ShapesWorld masked-diffusion (LLaDA-architecture) policy.
-
-    Args:
-        world: ShapesWorld geometry (sets the image grid and tokenizer).
-        init: ``scratch`` (random init of a tiny config) or ``pretrained`` (load ``pretrained_path``).
-        pretrained_path: a folder written by ``MaskedDiffusionPolicy.save_pretrained`` (the warm start
-            writes ``${paths.artifacts_dir}/shapes_llada_warmstart``).
-        d_model, n_layers, n_heads, mlp_ratio, max_text_len, rope_theta: size of a scratch policy.
-        grid_position_embedding: learned row/column embeddings on the image tokens of a scratch policy (a toy-model
-            extension of LLaDA; see ``LLaDAConfig.image_grid``).
-    """
-    from htgrpo.data.shapes.prompts import VOCABULARY
-    from htgrpo.policies.masked_diffusion import MaskedDiffusionPolicy
-
-    require_choice(init, ("scratch", "pretrained"), "init")
-    if init == "pretrained":
-        require(pretrained_path not in (None, ""), "pretrained_path", "must be set when init=pretrained")
-        path = Path(str(pretrained_path)).expanduser()
-        if not (path / "config.json").exists() and not path.is_dir():
-            raise ConfigError(
-                "pretrained_path",
-                f"{path} does not exist. Run the warm start first (`python -m htgrpo.fit experiment=shapes_pretrain`) "
-                "or point policy.pretrained_path at a folder written by MaskedDiffusionPolicy.save_pretrained.")
-        return MaskedDiffusionPolicy.from_pretrained(path)
-    for key, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads), ("max_text_len", max_text_len)):
-        require(int(value) >= 1, key, f"must be >= 1, got {value}")
-    require(int(d_model) % int(n_heads) == 0, "d_model", f"must be divisible by n_heads ({n_heads}), got {d_model}")
-    return MaskedDiffusionPolicy.toy(world, list(VOCABULARY), d_model=int(d_model), n_layers=int(n_layers),
-                                     n_heads=int(n_heads), mlp_hidden_size=int(round(float(mlp_ratio) * int(d_model))),
-                                     max_text_len=int(max_text_len),
-                                     rope_theta=float(rope_theta),
-                                     grid_position_embedding=bool(grid_position_embedding))
 
 
 def as_image_generator(policy, sampler):
@@ -160,8 +94,21 @@ def as_image_generator(policy, sampler):
     ``MARSamplerSettings``); pass oracle/random generators through."""
     if hasattr(policy, "generate") and not isinstance(policy, torch.nn.Module):
         return policy
-    from htgrpo.policies.mar.shapes import ShapesMARPolicy, require_mar_sampler
+    if hasattr(policy, "ar_model") or hasattr(policy, "mar"):  # a MAR-family policy needs the MAR sampler
+        from htgrpo.policies.mar.sampling import require_mar_sampler
 
-    if isinstance(policy, ShapesMARPolicy):
         require_mar_sampler(sampler, "sampler")
     return PolicyImageGenerator(policy, sampler)
+
+
+_MOVED_TO_SHAPES = ("OraclePolicy", "RandomTokenPolicy", "build_masked_diffusion_policy")
+
+
+def __getattr__(name: str):
+    """Names that moved to :mod:`htgrpo.policies.shapes_llada` still resolve (imported only when asked for), so
+    this generic module itself never imports ShapesWorld."""
+    if name in _MOVED_TO_SHAPES:
+        from htgrpo.policies import shapes_llada
+
+        return getattr(shapes_llada, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,13 +1,19 @@
-"""Masked-diffusion text-to-image policy: LLaDA backbone + MMaDA sequence layout + text and image tokenizers.
+"""Masked-diffusion text-to-image policy: LLaDA backbone + a sequence layout + text and image tokenizers.
 
-The same class serves the toy ShapesWorld policy (:meth:`MaskedDiffusionPolicy.toy`) and, with other tokenizers and
-``T2ISequenceLayout.mmada()``, MMaDA-8B. Image tokens are handled as (B, N) codebook indices with -1 = masked; the
-policy turns them into sequences, runs the backbone and returns logits **only at image positions and only over the
-image-code columns** (reference §3.6: MMaDA reads ``[-(N+1):-1]`` x ``[126349, 126349+8192)``).
+One class serves the toy ShapesWorld policy (built in :mod:`htgrpo.policies.shapes_llada`), MMaDA-8B
+(``T2ISequenceLayout``) and Lumina-DiMOO (``DimooSequenceLayout``), built in :mod:`htgrpo.policies.pretrained`.
+Image tokens are handled as (B, N) codebook indices with -1 = masked; the policy turns them into sequences, runs the
+backbone and returns logits **only at image positions and only over the image-code columns** (reference §3.6: MMaDA
+reads ``[-(N+1):-1]`` x ``[126349, 126349+8192)``; §5.5: DiMOO reads the code positions between the newlines x
+``[126356, 126356+8192)``).
+
+Tokenizers follow one interface: text ``encode(texts, max_length) -> (ids, mask)`` left-padded; image
+``encode(uint8 images) -> (B, N) codes`` and ``decode(codes) -> uint8 images``; both ``save_pretrained``.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -19,10 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from htgrpo.data.shapes.palette import ShapesWorldConfig
-from htgrpo.policies.llada import LLaDAConfig, LLaDAModelLM, load_llada, select_positions
-from htgrpo.policies.t2i_layout import MASKED, T2ISequenceLayout
-from htgrpo.policies.tokenizers import PaletteImageTokenizer, WordTextTokenizer, shapes_vocabulary
+from htgrpo.policies.llada import LLaDAModelLM, load_llada, select_positions
+from htgrpo.policies.t2i_layout import MASKED, DimooSequenceLayout, T2ISequenceLayout, load_layout
 
 POLICY_FILE = "policy.json"
 
@@ -75,7 +79,8 @@ class MaskedDiffusionPolicy(nn.Module):
     """Backbone + layout + tokenizers. ``backbone`` is the only module with parameters."""
 
     def __init__(
-        self, backbone: LLaDAModelLM, layout: T2ISequenceLayout, text_tokenizer: Any, image_tokenizer: Any
+        self, backbone: LLaDAModelLM, layout: T2ISequenceLayout | DimooSequenceLayout, text_tokenizer: Any,
+        image_tokenizer: Any
     ) -> None:
         super().__init__()
         head_rows = backbone.lm_head_weight.shape[0]
@@ -120,7 +125,12 @@ class MaskedDiffusionPolicy(nn.Module):
         codes = codes.to(self.device)
         ids, attn = self.sequences(codes, prompt)
         img = self.layout.image_positions
-        pos: slice | torch.Tensor = img if positions is None else positions.to(self.device) + img.start
+        pos: slice | torch.Tensor
+        if isinstance(img, slice):  # contiguous image part (MMaDA, toy)
+            pos = img if positions is None else positions.to(self.device) + img.start
+        else:  # DiMOO: code positions between the row newlines
+            img = img.to(self.device)
+            pos = img if positions is None else img[positions.to(self.device)]
         if full_vocab:  # reference path: all positions x all columns, then slice (benchmarks/tests only)
             logits = self.backbone(ids, attention_mask=attn).logits
             logits = select_positions(logits, pos)[..., self.layout.image_columns]
@@ -194,7 +204,8 @@ class MaskedDiffusionPolicy(nn.Module):
 
     # -- persistence --------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """One folder: config.json + model.safetensors (backbone), t2i_layout.json, tokenizer json files."""
+        """One folder: config.json + safetensors (backbone), t2i_layout.json, the tokenizers' files, policy.json
+        (which tokenizer classes to load back and their settings)."""
         os.makedirs(directory, exist_ok=True)
         self.backbone.save_pretrained(directory)
         self.layout.save_pretrained(directory)
@@ -202,8 +213,9 @@ class MaskedDiffusionPolicy(nn.Module):
         self.image_tokenizer.save_pretrained(directory)
         meta = {
             "type": "masked_diffusion",
-            "text_tokenizer": type(self.text_tokenizer).__name__,
-            "image_tokenizer": type(self.image_tokenizer).__name__,
+            "text_tokenizer": _class_path(self.text_tokenizer),
+            "text_tokenizer_settings": getattr(self.text_tokenizer, "settings", lambda: {})(),
+            "image_tokenizer": _class_path(self.image_tokenizer),
         }
         with open(os.path.join(directory, POLICY_FILE), "w") as f:
             json.dump(meta, f, indent=2)
@@ -214,61 +226,37 @@ class MaskedDiffusionPolicy(nn.Module):
         directory: str | os.PathLike,
         text_tokenizer: Any = None,
         image_tokenizer: Any = None,
-        layout: T2ISequenceLayout | None = None,
+        layout: T2ISequenceLayout | DimooSequenceLayout | None = None,
         config_key: str = "policy.path",
         **backbone_kwargs: Any,
     ) -> MaskedDiffusionPolicy:
-        """Load a folder written by :meth:`save_pretrained`. Tokenizers/layout can be passed instead (real models)."""
+        """Load a folder written by :meth:`save_pretrained`. Tokenizers/layout can be passed instead (real models).
+        The tokenizer classes are named in ``policy.json`` (older folders: the toy word/palette tokenizers)."""
         backbone = load_llada(directory, config_key=config_key, **backbone_kwargs)
-        layout = layout or T2ISequenceLayout.from_pretrained(directory)
-        text_tokenizer = text_tokenizer or WordTextTokenizer.from_pretrained(directory)
-        image_tokenizer = image_tokenizer or PaletteImageTokenizer.from_pretrained(directory)
+        layout = layout or load_layout(directory)
+        meta_path = os.path.join(directory, POLICY_FILE)
+        meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+        if text_tokenizer is None:
+            text_cls = _resolve_class(meta.get("text_tokenizer"), "htgrpo.policies.tokenizers.WordTextTokenizer")
+            text_tokenizer = text_cls.from_pretrained(directory, **meta.get("text_tokenizer_settings", {}))
+        if image_tokenizer is None:
+            image_cls = _resolve_class(meta.get("image_tokenizer"), "htgrpo.policies.tokenizers.PaletteImageTokenizer")
+            image_tokenizer = image_cls.from_pretrained(directory)
         return cls(backbone, layout, text_tokenizer, image_tokenizer)
 
-    @classmethod
-    def toy(
-        cls,
-        world: ShapesWorldConfig | None = None,
-        vocabulary: Sequence[str] | None = None,
-        d_model: int = 128,
-        n_layers: int = 4,
-        n_heads: int = 4,
-        n_kv_heads: int | None = None,
-        mlp_hidden_size: int | None = None,
-        max_text_len: int = 32,
-        rope_theta: float = 10000.0,
-        embedding_size: int | None = None,
-        seed: int = 0,
-        grid_position_embedding: bool = False,
-    ) -> MaskedDiffusionPolicy:
-        """Tiny randomly initialised ShapesWorld policy (~0.9M parameters at the defaults; trains on CPU).
 
-        ``vocabulary``: the prompt generator's words (default :func:`shapes_vocabulary`); ``mlp_hidden_size`` defaults
-        to 3·d_model (LLaDA-8B's ratio, 12288/4096); ``embedding_size`` pads wte/LM head to that many rows (e.g.
-        134656 to mimic MMaDA's head width in benchmarks); ``seed`` makes the initialisation reproducible;
-        ``grid_position_embedding`` adds learned row/column embeddings at the image tokens (``LLaDAConfig.image_grid``).
-        """
-        world = world or ShapesWorldConfig()
-        text_tok = WordTextTokenizer(shapes_vocabulary() if vocabulary is None else vocabulary)
-        image_tok = PaletteImageTokenizer(world.grid_size, world.cell_px)
-        layout = T2ISequenceLayout.toy(text_tok, image_tok.codebook_size, image_tok.num_tokens, max_text_len)
-        config = LLaDAConfig(
-            d_model=d_model,
-            n_heads=n_heads,
-            n_kv_heads=n_kv_heads,
-            n_layers=n_layers,
-            mlp_hidden_size=mlp_hidden_size or 3 * d_model,
-            vocab_size=layout.vocab_size,
-            embedding_size=max(embedding_size or 0, layout.vocab_size),
-            max_sequence_length=layout.seq_len,
-            rope_theta=rope_theta,
-            mask_token_id=layout.mask,
-            pad_token_id=layout.pad,
-            eos_token_id=layout.eos,
-            image_grid=[layout.image_positions.start, world.grid_size, world.grid_size] if grid_position_embedding
-            else None,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            backbone = LLaDAModelLM(config)
-        return cls(backbone, layout, text_tok, image_tok)
+_LEGACY_NAMES = {
+    "WordTextTokenizer": "htgrpo.policies.tokenizers.WordTextTokenizer",
+    "PaletteImageTokenizer": "htgrpo.policies.tokenizers.PaletteImageTokenizer",
+}
+
+
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _resolve_class(path: str | None, default: str) -> Any:
+    """A class from its dotted path (``policy.json`` names the tokenizer classes; bare names are the toy ones)."""
+    path = _LEGACY_NAMES.get(path or "", path or default)
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)

@@ -50,6 +50,19 @@ class SampledImageTokens:
             self.num_steps,
         )
 
+    @staticmethod
+    def concat(parts: Sequence[SampledImageTokens]) -> SampledImageTokens:
+        """Rows of several samples, in order (micro-batched rollouts). All must share ``num_steps``."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        steps = {p.num_steps for p in parts}
+        if len(steps) != 1:
+            raise ValueError(f"parts were sampled with different num_steps {sorted(steps)}")
+        return SampledImageTokens(
+            torch.cat([p.codes for p in parts]), torch.cat([p.commit_step for p in parts]),
+            torch.cat([p.confidence for p in parts]), torch.cat([p.entropy for p in parts]), parts[0].num_steps,
+        )
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Schedules and noise

@@ -1,11 +1,21 @@
-"""MMaDA's text-to-image token sequence (reference/htgrpo_mmada_dimoo.md §3.4, §3.6):
+"""Text-to-image token sequences: where the prompt, the special tokens and the image codes sit.
+
+Two layouts share one interface (``build``, ``image_positions``, ``image_columns``, ``mask``, ``codebook_size``,
+``num_image_tokens``, ``max_text_len``, ``seq_len``, ``save_pretrained``):
+
+:class:`T2ISequenceLayout` — MMaDA's (reference/htgrpo_mmada_dimoo.md §3.4, §3.6), also used by the toy policy:
 
     [pad]*k  <t2i> <bos> text… <eos>  <soi>  N × image  <eoi>
     |------ prefix: max_text_len + 3, left-padded ------|       |
 
+:class:`DimooSequenceLayout` — Lumina-DiMOO's (reference §5.3, §5.4):
+
+    [pad]*k  tok(system/user template with the prompt)  <answer> <Image>  rows × (cols codes, newline)  </Image> </answer>
+
 Image tokens are ``code + image_token_offset``; masked image tokens are ``mask``. The attention mask is 0 on pads.
-``T2ISequenceLayout.mmada()`` has MMaDA's real ids; ``T2ISequenceLayout.toy()`` lays out a small vocabulary:
-text tokenizer ids, then ``<t2i> <soi> <eoi> <mask>``, then the image codes.
+``T2ISequenceLayout.mmada()`` has MMaDA's documented ids; ``T2ISequenceLayout.toy()`` lays out a small vocabulary:
+text tokenizer ids, then ``<t2i> <soi> <eoi> <mask>``, then the image codes. Real checkpoints get their ids from
+their config and tokenizer (:mod:`htgrpo.policies.pretrained`).
 """
 
 from __future__ import annotations
@@ -160,6 +170,11 @@ class T2ISequenceLayout:
         ids = torch.full((batch, self.max_text_len), self.pad, dtype=torch.long, device=device)
         return ids, torch.zeros_like(ids)
 
+    def special_ids(self) -> dict[str, int]:
+        """Name -> id of every special token of the layout."""
+        return {"pad": self.pad, "t2i": self.t2i, "bos": self.bos, "eos": self.eos, "soi": self.soi, "eoi": self.eoi,
+                "mask": self.mask}
+
     # -- persistence --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return asdict(self)
@@ -181,3 +196,160 @@ class T2ISequenceLayout:
     def from_pretrained(cls, directory: str | os.PathLike) -> T2ISequenceLayout:
         with open(os.path.join(directory, LAYOUT_FILE)) as f:
             return cls.from_dict(json.load(f))
+
+
+@dataclass(frozen=True)
+class DimooSequenceLayout:
+    """Lumina-DiMOO's text-to-image sequence (reference §5.3–§5.5).
+
+    ``max_text_len`` counts the tokens of the *templated* prompt (system + user template around the prompt): the
+    prefix is exactly max_text_len long (left-padded), then ``<answer> <Image>``, the rows × (cols + 1) image part
+    (each row of codes followed by the newline token) and ``</Image> </answer>``. ``uncond_ids`` is the tokenised
+    ``<uncondition>`` prompt; a prompt whose text mask is all zero (``PromptTokens.dropped``) is replaced by it, so
+    CFG's unconditional sequence is ``tok(uncond) + <answer> <Image> + the same canvas`` as in the released
+    ``generate_image``.
+
+    ``padding_mask``: the released code samples one prompt at a time and passes no padding mask; batching here
+    left-pads prompts of different lengths. ``True`` (default) masks the pads, which reproduces the released
+    one-prompt-at-a-time logits exactly (RoPE only sees relative positions). ``False`` passes no mask, so pads are
+    attended — what the released model computes if it is fed a padded batch (and what MaskGRPO's log-prob pass does).
+    """
+
+    pad: int
+    mask: int
+    newline: int
+    answer_start: int
+    answer_end: int
+    boi: int
+    eoi: int
+    image_token_offset: int
+    codebook_size: int
+    rows: int
+    cols: int
+    max_text_len: int
+    uncond_ids: tuple[int, ...]
+    padding_mask: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.uncond_ids) > self.max_text_len:
+            raise ValueError(f"the unconditional prompt has {len(self.uncond_ids)} tokens, more than max_text_len "
+                             f"({self.max_text_len})")
+        if self.rows < 1 or self.cols < 1:
+            raise ValueError(f"image grid must be at least 1x1, got {self.rows}x{self.cols}")
+
+    # -- geometry -----------------------------------------------------------------------------------------------
+    @property
+    def num_image_tokens(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.rows, self.cols
+
+    @property
+    def code_start(self) -> int:
+        """Position of the first image code (the released code's ``code_start``)."""
+        return self.max_text_len + 2
+
+    @property
+    def seq_len(self) -> int:
+        return self.code_start + self.rows * (self.cols + 1) + 2
+
+    @property
+    def vocab_size(self) -> int:
+        specials = self.special_ids().values()
+        return max(self.image_token_offset + self.codebook_size, max(specials) + 1, max(self.uncond_ids, default=0) + 1)
+
+    @property
+    def image_positions(self) -> torch.Tensor:
+        """(N,) sequence positions of the image codes, row-major (newline positions skipped)."""
+        r = torch.arange(self.rows)[:, None]
+        c = torch.arange(self.cols)[None, :]
+        return (self.code_start + r * (self.cols + 1) + c).reshape(-1)
+
+    @property
+    def image_columns(self) -> slice:
+        return slice(self.image_token_offset, self.image_token_offset + self.codebook_size)
+
+    def special_ids(self) -> dict[str, int]:
+        return {"pad": self.pad, "mask": self.mask, "newline": self.newline, "answer_start": self.answer_start,
+                "answer_end": self.answer_end, "boi": self.boi, "eoi": self.eoi}
+
+    # -- building sequences -------------------------------------------------------------------------------------
+    def prefix(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Templated prompt tokens (B, L) (valid where text_mask = 1) -> left-padded (B, max_text_len) and mask.
+        Rows with no valid token become the unconditional prompt."""
+        if text_mask is None:
+            text_mask = torch.ones_like(text_ids)
+        B, P = text_ids.shape[0], self.max_text_len
+        ids = torch.full((B, P), self.pad, dtype=torch.long, device=text_ids.device)
+        mask = torch.zeros((B, P), dtype=torch.long, device=text_ids.device)
+        keep = text_mask.to(torch.bool)
+        uncond = text_ids.new_tensor(self.uncond_ids)
+        for b in range(B):
+            row = text_ids[b][keep[b]] if bool(keep[b].any()) else uncond
+            if row.numel() > P:
+                raise ValueError(f"prompt has {row.numel()} tokens, more than max_text_len ({P})")
+            ids[b, P - row.numel():] = row
+            mask[b, P - row.numel():] = 1
+        return ids, mask
+
+    def image_part(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N) codes (-1 = masked) -> (B, rows·(cols+1)) ids: each row of codes followed by the newline."""
+        if image_tokens.shape[-1] != self.num_image_tokens:
+            raise ValueError(f"expected {self.num_image_tokens} image tokens, got {image_tokens.shape[-1]}")
+        ids = torch.where(image_tokens < 0, torch.full_like(image_tokens, self.mask),
+                          image_tokens + self.image_token_offset)
+        B = ids.shape[0]
+        newline = torch.full((B, self.rows, 1), self.newline, dtype=torch.long, device=ids.device)
+        return torch.cat([ids.view(B, self.rows, self.cols), newline], dim=2).reshape(B, -1)
+
+    def build(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None, image_tokens: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        pre_ids, pre_mask = self.prefix(text_ids, text_mask)
+        return self.build_from_prefix(pre_ids, pre_mask, image_tokens)
+
+    def build_from_prefix(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, image_tokens: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, dev = image_tokens.shape[0], image_tokens.device
+        head = torch.tensor([self.answer_start, self.boi], dtype=torch.long, device=dev).expand(B, 2)
+        tail = torch.tensor([self.eoi, self.answer_end], dtype=torch.long, device=dev).expand(B, 2)
+        ids = torch.cat([prefix_ids.to(dev), head, self.image_part(image_tokens.long()), tail], dim=1)
+        mask = torch.cat([prefix_mask.to(dev), torch.ones((B, ids.shape[1] - prefix_mask.shape[1]),
+                                                          dtype=torch.long, device=dev)], dim=1)
+        if not self.padding_mask:  # released behaviour: no padding mask, pads are attended
+            mask = torch.ones_like(mask)
+        return ids, mask
+
+    def uncond_text(self, batch: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.full((batch, self.max_text_len), self.pad, dtype=torch.long, device=device)
+        return ids, torch.zeros_like(ids)
+
+    # -- persistence --------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["uncond_ids"] = list(self.uncond_ids)
+        d["kind"] = "dimoo"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DimooSequenceLayout:
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["uncond_ids"] = tuple(int(i) for i in kw.get("uncond_ids", ()))
+        return cls(**kw)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, LAYOUT_FILE), "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+
+def load_layout(directory: str | os.PathLike) -> T2ISequenceLayout | DimooSequenceLayout:
+    """The layout saved in ``directory`` (``t2i_layout.json``; no ``kind`` = MMaDA/toy layout)."""
+    with open(os.path.join(directory, LAYOUT_FILE)) as f:
+        d = json.load(f)
+    if d.pop("kind", "mmada") == "dimoo":
+        return DimooSequenceLayout.from_dict(d)
+    return T2ISequenceLayout.from_dict(d)

@@ -3,8 +3,9 @@
 The rules only need detections (class, score, box, colour), so the same functions score ShapesWorld's
 rule-based detector and a real Mask2Former + CLIP pipeline. Each rule is a small pure function:
 
-* ``filter_detections``: per class keep ``score > 0.3`` (``> 0.9`` on counting prompts), best first,
-  at most 16 per class.
+* ``filter_detections``: per class keep ``score > 0.3`` (``> 0.9`` on counting prompts), compared in float32
+  like the official numpy code; best first with ties resolved as the official ``argsort(...)[::-1]`` does (the
+  LATER detection first); at most 16 per class; then the official same-class NMS (``max_overlap``).
 * ``relative_position``: GenEval's position rule with its 0.1 margin.
 * ``evaluate_geneval``: include requirements AND-ed (at-least-N count, colour of the top-N, position vs an
   earlier matched group), exclude requirements (fail at ``>= count``); plus a dense partial-credit score.
@@ -14,6 +15,8 @@ rule-based detector and a real Mask2Former + CLIP pipeline. Each rule is a small
 from __future__ import annotations
 
 import math
+
+import numpy as np
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -30,12 +33,15 @@ class GenEvalThresholds:
         counting_score: the same for ``counting`` prompts (``counting_threshold``, 0.9).
         max_objects: keep at most this many detections per class, best first (``max_objects``, 16).
         position_margin: per-axis offset shrink factor of the position rule (``position_threshold``, 0.1).
+        max_overlap: same-class NMS: a detection whose IoU with a better kept one is ``>= max_overlap`` is
+            dropped (``max_overlap``, 1.0 = no NMS, the official default).
     """
 
     score: float = 0.3
     counting_score: float = 0.9
     max_objects: int = 16
     position_margin: float = 0.1
+    max_overlap: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -62,25 +68,57 @@ class GenEvalSummary:
     num_images: int = 0
 
 
+def box_iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
+    """IoU the way GenEval's ``compute_iou`` computes it (inclusive pixel corners, hence the ``+ 1``).
+
+    ``area(b) = max(x2 - x1 + 1, 0) * max(y2 - y1 + 1, 0)``; ``IoU = area(a ∩ b) / (area(a) + area(b) - area(a ∩ b))``,
+    0 when the union is 0. E.g. ``(0,0,9,9)`` vs ``(5,0,14,9)``: 50 / (100 + 100 - 50) = 1/3.
+    """
+
+    def area(b: Sequence[float]) -> float:
+        return max(b[2] - b[0] + 1, 0) * max(b[3] - b[1] + 1, 0)
+
+    inter = area((max(box_a[0], box_b[0]), max(box_a[1], box_b[1]), min(box_a[2], box_b[2]), min(box_a[3], box_b[3])))
+    union = area(box_a) + area(box_b) - inter
+    return inter / union if union else 0.0
+
+
 def filter_detections(
     detections: Iterable[Detection], tag: str, thresholds: GenEvalThresholds = GenEvalThresholds()
 ) -> dict[str, list[Detection]]:
-    """Group detections by class the way GenEval does before applying its rules.
+    """Group detections by class the way GenEval's ``evaluate_image`` does before applying its rules.
 
-    Rule: keep a detection if its score is strictly greater than ``thresholds.score`` (0.3), or
-    ``thresholds.counting_score`` (0.9) when ``tag == "counting"``; sort each class by score, highest
-    first (stable); keep the top ``thresholds.max_objects`` (16) per class. (GenEval's same-class NMS uses
-    ``max_overlap = 1.0``, i.e. it never suppresses anything, so there is no NMS here.)
+    Rule, per class, in the official order of steps:
+
+    1. keep a detection if ``float32(score) > float32(threshold)`` with threshold ``thresholds.score`` (0.3), or
+       ``thresholds.counting_score`` (0.9) when ``tag == "counting"``. The official scores are float32 numpy
+       values compared to a Python float, which numpy does in float32: a score of exactly ``float32(0.3)`` is
+       NOT kept (in float64 it would be, since ``float32(0.3) = 0.30000001...``);
+    2. order by score, highest first, as ``np.argsort(scores)[::-1]``: among equal scores the detection that
+       comes LATER in the detector's list comes first;
+    3. keep the top ``thresholds.max_objects`` (16);
+    4. greedy NMS (official ``max_overlap``): take the best remaining, drop every other with
+       ``box_iou >= max_overlap``; repeat. ``max_overlap == 1`` (the default) keeps everything.
     """
-    thr = thresholds.counting_score if tag == "counting" else thresholds.score
-    by_class: dict[str, list[Detection]] = {}
-    for det in detections:
-        if det.score > thr:
-            by_class.setdefault(det.label, []).append(det)
-    for cls, dets in by_class.items():
-        dets.sort(key=lambda d: -d.score)
-        by_class[cls] = dets[: thresholds.max_objects]
-    return by_class
+    thr32 = np.float32(thresholds.counting_score if tag == "counting" else thresholds.score)
+    by_class: dict[str, list[tuple[np.float32, int, Detection]]] = {}
+    for index, det in enumerate(detections):
+        score32 = np.float32(det.score)
+        if score32 > thr32:
+            by_class.setdefault(det.label, []).append((score32, index, det))
+    out: dict[str, list[Detection]] = {}
+    for cls, entries in by_class.items():
+        # Descending by float32 score, ties: later index first (= a stable ascending sort, reversed).
+        entries.sort(key=lambda e: (e[0], e[1]), reverse=True)
+        ordering = [det for _, _, det in entries[: thresholds.max_objects]]
+        kept: list[Detection] = []
+        while ordering:
+            best = ordering.pop(0)
+            kept.append(best)
+            if thresholds.max_overlap != 1:
+                ordering = [d for d in ordering if box_iou(best.box, d.box) < thresholds.max_overlap]
+        out[cls] = kept
+    return out
 
 
 def relative_position(a: Detection, b: Detection, margin: float = 0.1) -> set[str]:

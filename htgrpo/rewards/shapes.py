@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -19,6 +20,7 @@ from htgrpo.data.shapes.detector import ShapesDetector, to_chw_numpy
 from htgrpo.data.shapes.palette import ShapesWorldConfig
 from htgrpo.data.shapes.prompts import parse_tuple
 from htgrpo.data.shapes.scene import image_to_cells
+from htgrpo.rewards.base import Reward, RewardOutput
 from htgrpo.rewards.detection import Detection
 from htgrpo.rewards.dpg import DPGItemResult, score_dpg_answers
 from htgrpo.rewards.geneval import GenEvalImageResult, GenEvalThresholds, evaluate_geneval, relative_position
@@ -63,8 +65,13 @@ def geneval_partial_reward(results: Sequence[GenEvalImageResult]) -> list[float]
     return [float(r.partial) for r in results]
 
 
-class ShapesGenEvalReward:
-    """Callable reward ``(images, records) -> float32 tensor (B,)``: ``binary`` or ``partial`` GenEval credit."""
+class ShapesGenEvalReward(Reward):
+    """GenEval credit on ShapesWorld: ``binary`` (correctness) or ``partial`` credit, as ``scores`` (B,).
+
+    Components: ``geneval/correct`` (0/1) and ``geneval/partial`` (partial credit), whatever the mode.
+    """
+
+    name = "shapes_geneval"
 
     def __init__(
         self,
@@ -72,15 +79,18 @@ class ShapesGenEvalReward:
         mode: Literal["binary", "partial"] = "binary",
         thresholds: GenEvalThresholds = GenEvalThresholds(),
     ) -> None:
+        super().__init__()
         if mode not in ("binary", "partial"):
             raise ValueError(f"mode must be 'binary' or 'partial', got {mode!r}")
         self.mode = mode
         self.scorer = ShapesGenEvalScorer(world, thresholds)
 
-    def __call__(self, images: Any, records: Sequence[GenEvalRecord]) -> torch.Tensor:
+    def score(self, images: Any, records: Sequence[GenEvalRecord]) -> RewardOutput:
         results = self.scorer.score(images, records)
-        fn = geneval_binary_reward if self.mode == "binary" else geneval_partial_reward
-        return torch.tensor(fn(results), dtype=torch.float32)
+        correct = torch.tensor(geneval_binary_reward(results), dtype=torch.float32)
+        partial = torch.tensor(geneval_partial_reward(results), dtype=torch.float32)
+        return RewardOutput(correct if self.mode == "binary" else partial,
+                            {"geneval/correct": correct, "geneval/partial": partial})
 
 
 class ShapesVQA:
@@ -190,38 +200,52 @@ class ShapesDPGScorer:
         return [score_dpg_answers(item, self.vqa.answer_item(im, item)) for im, item in zip(ims, items)]
 
 
-class ShapesDPGReward:
-    """Callable reward ``(images, items) -> float32 tensor (B,)``: the DPG prompt score in [0, 1]."""
+class ShapesDPGReward(Reward):
+    """The DPG prompt score in [0, 1] on ShapesWorld as ``scores`` (B,); component ``dpg/score``."""
+
+    name = "shapes_dpg"
 
     def __init__(self, world: ShapesWorldConfig) -> None:
+        super().__init__()
         self.scorer = ShapesDPGScorer(world)
 
-    def __call__(self, images: Any, items: Sequence[DPGItem]) -> torch.Tensor:
-        return torch.tensor([r.score for r in self.scorer.score(images, items)], dtype=torch.float32)
+    def score(self, images: Any, items: Sequence[DPGItem]) -> RewardOutput:
+        scores = torch.tensor([r.score for r in self.scorer.score(images, items)], dtype=torch.float32)
+        return RewardOutput(scores, {"dpg/score": scores})
 
 
-class ShapesPromptReward:
+class ShapesPromptReward(Reward):
     """Reward for a mixed ShapesWorld prompt stream: GenEval records get GenEval credit, DPG items the DPG prompt score.
 
-    ``(images, records) -> float32 tensor (B,)`` in [0, 1]. ``geneval_mode``: ``binary`` (GenEval correctness, the
-    benchmark's own metric) or ``partial`` (partial credit: denser signal for small groups).
+    ``scores``: float32 (B,) in [0, 1]. ``geneval_mode``: ``binary`` (GenEval correctness, the benchmark's own
+    metric) or ``partial`` (partial credit: denser signal for small groups). Components (NaN on images of the other
+    benchmark): ``geneval/correct``, ``geneval/partial``, ``dpg/score``.
     """
 
+    name = "shapes"
+
     def __init__(self, world: ShapesWorldConfig, geneval_mode: Literal["binary", "partial"] = "binary") -> None:
+        super().__init__()
         if geneval_mode not in ("binary", "partial"):
             raise ValueError(f"geneval_mode must be 'binary' or 'partial', got {geneval_mode!r}")
         self.geneval_mode = geneval_mode
         self.geneval = ShapesGenEvalReward(world, geneval_mode)
         self.dpg = ShapesDPGReward(world)
 
-    def __call__(self, images: Any, records: Sequence[GenEvalRecord | DPGItem]) -> torch.Tensor:
-        out = torch.zeros(len(records), dtype=torch.float32)
+    def score(self, images: Any, records: Sequence[GenEvalRecord | DPGItem]) -> RewardOutput:
+        n = len(records)
+        out = torch.zeros(n, dtype=torch.float32)
+        components: dict[str, torch.Tensor] = {}
         gen = [i for i, r in enumerate(records) if isinstance(r, GenEvalRecord)]
         dpg = [i for i, r in enumerate(records) if isinstance(r, DPGItem)]
-        other = set(range(len(records))) - set(gen) - set(dpg)
+        other = set(range(n)) - set(gen) - set(dpg)
         if other:
             raise TypeError(f"unsupported record type {type(records[min(other)]).__name__}")
-        for idx, fn in ((gen, self.geneval), (dpg, self.dpg)):
+        for idx, part in ((gen, self.geneval), (dpg, self.dpg)):
             if idx:
-                out[torch.tensor(idx)] = fn(images[idx], [records[i] for i in idx])
-        return out
+                index = torch.tensor(idx)
+                res = part.score(images[idx], [records[i] for i in idx])
+                out[index] = res.scores
+                for name, values in res.components.items():
+                    components.setdefault(name, torch.full((n,), math.nan))[index] = values
+        return RewardOutput(out, components)

@@ -58,10 +58,13 @@ class ShapesWorldConfig:
         grid_size: cells per side; one image token per cell (default 16 -> 256 tokens).
         cell_px: pixels per cell side when a scene is rendered to RGB (default 8 -> 128x128 images).
         shapes: shape classes that prompts may name.
-        min_object_size: smallest object side, in cells. Below 5 cells circle and diamond coincide.
+        min_object_size: smallest object side, in cells: >= 4 (below 4 a circle is a full square), >= 5 when
+            ``diamond`` is a shape (below 5 circle and diamond coincide).
         max_object_size: largest object side, in cells.
         small_size: sides <= this count as "small" in dense (DPG-style) prompts.
         large_size: sides >= this count as "large" in dense prompts.
+        detector_cell_noise: the detector's cell-flip probability ``p`` (``detector.shape_posterior``): its
+            confidence that a blob is a shape. Larger = more tolerant of stray cells, in (0, 0.5).
     """
 
     grid_size: int = 16
@@ -71,6 +74,7 @@ class ShapesWorldConfig:
     max_object_size: int = 7
     small_size: int = 5
     large_size: int = 7
+    detector_cell_noise: float = 0.1
 
     def __post_init__(self) -> None:
         # Hydra hands lists over as ListConfig; keep the dataclass hashable and immutable.
@@ -82,11 +86,15 @@ class ShapesWorldConfig:
         unknown = [s for s in self.shapes if s not in SHAPES]
         if unknown or not self.shapes:
             raise ValueError(f"shapes must be a non-empty subset of {SHAPES}, got {self.shapes}")
-        if not (5 <= self.min_object_size <= self.max_object_size <= self.grid_size // 2):
+        smallest = 5 if "diamond" in self.shapes else 4
+        if not (smallest <= self.min_object_size <= self.max_object_size <= self.grid_size // 2):
             raise ValueError(
-                "need 5 <= min_object_size <= max_object_size <= grid_size // 2, got "
-                f"{self.min_object_size}, {self.max_object_size} (grid_size={self.grid_size})"
+                f"need {smallest} <= min_object_size <= max_object_size <= grid_size // 2 (5 with diamond: below it "
+                f"circle and diamond coincide), got {self.min_object_size}, {self.max_object_size} "
+                f"(grid_size={self.grid_size})"
             )
+        if not 0.0 < float(self.detector_cell_noise) < 0.5:
+            raise ValueError(f"detector_cell_noise must be in (0, 0.5), got {self.detector_cell_noise}")
 
     @property
     def num_cells(self) -> int:

@@ -41,6 +41,7 @@ from htgrpo.config import ConfigError, require, require_choice, require_range
 from htgrpo.policies.mar.head import DiffusionHead
 
 CONDITIONINGS = ("class", "text", "none")
+POS_EMBED_INTERPOLATIONS = ("bilinear", "bicubic")
 TEXT_POOLINGS = ("mean", "tokens")
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -581,7 +582,7 @@ class MAR(nn.Module):
         B = tokens.shape[0]
         x = self.z_proj(tokens)
         buffer = self._buffer(condition_embedding, B).to(x.dtype)
-        x = torch.cat([buffer, x], dim=1) + self.encoder_pos_embed_learned
+        x = torch.cat([buffer, x], dim=1) + self.grid_pos_embed("encoder_pos_embed_learned")
         x = self.z_proj_ln(x)
         keep = self._keep_with_buffer(mask)
         x = x[keep].reshape(B, -1, x.shape[-1])
@@ -608,14 +609,24 @@ class MAR(nn.Module):
         keep = self._keep_with_buffer(mask)
         full = self.mask_token.to(x.dtype).repeat(B, self.buffer_size + self.seq_len, 1)
         full[keep] = x.reshape(-1, x.shape[-1])
-        x = full + self.decoder_pos_embed_learned
+        x = full + self.grid_pos_embed("decoder_pos_embed_learned")
         x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_norm(x)
-        return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
+        return x[:, self.buffer_size:] + self.grid_pos_embed("diffusion_pos_embed_learned")
 
     def ar_latents(self, tokens: Tensor, mask: Tensor, condition_embedding: Tensor) -> Tensor:
         """z (B, L, Dz) for every position given the known tokens (encoder + decoder, no head)."""
         return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, condition_embedding), mask)
+
+    def guided_ar_latents(self, tokens: Tensor, mask: Tensor, condition_embedding: Tensor,
+                          unconditional_embedding: Tensor) -> tuple[Tensor, Tensor]:
+        """(z_cond, z_uncond), each (B, L, Dz): one encoder/decoder pass over the stacked batch [cond; uncond] (the
+        CFG branches share tokens and mask). Policies whose condition is not a buffer tensor (Harmon's prompt KV
+        cache) implement the same method."""
+        z = self.ar_latents(torch.cat([tokens, tokens]), torch.cat([mask, mask]),
+                            torch.cat([condition_embedding, unconditional_embedding]))
+        z_cond, z_uncond = z.chunk(2, dim=0)
+        return z_cond, z_uncond
 
     # -- training ------------------------------------------------------------------------------------------------
 
@@ -645,6 +656,28 @@ class MAR(nn.Module):
         return self.forward_loss(z, target, mask, generator)
 
     # -- resolution ----------------------------------------------------------------------------------------------
+
+    def set_generation_grid(self, seq_h: int, seq_w: int, mode: str = "bilinear") -> None:
+        """Generate on a ``seq_h × seq_w`` token grid while the learned position embeddings stay at the config's grid
+        (Harmon: weights for 16×16, images at 512 px = 32×32): every forward interpolates them on the fly with
+        ``mode`` (Harmon: bilinear), so gradients reach the stored embeddings and a saved state dict keeps the
+        released shapes. :meth:`resize_grid` instead resizes the parameters once."""
+        if mode not in POS_EMBED_INTERPOLATIONS:
+            raise ConfigError("pos_embed_interpolation", f"must be one of {list(POS_EMBED_INTERPOLATIONS)}, got {mode!r}")
+        require(int(seq_h) >= 1 and int(seq_w) >= 1, "image_size", f"token grid must be >= 1x1, got {seq_h}x{seq_w}")
+        self.seq_h, self.seq_w, self.seq_len = int(seq_h), int(seq_w), int(seq_h) * int(seq_w)
+        self._pos_embed_mode = mode
+
+    def grid_pos_embed(self, name: str) -> Tensor:
+        """The learned position embedding ``name`` at the generation grid (the parameter itself when the grids
+        agree; otherwise interpolated from the config's grid, buffer rows kept)."""
+        param = getattr(self, name)
+        source = (self.config.seq_h, self.config.seq_w)
+        if source == (self.seq_h, self.seq_w):
+            return param
+        prefix = 0 if name == "diffusion_pos_embed_learned" else self.buffer_size
+        return interpolate_pos_embed(param, prefix, source, (self.seq_h, self.seq_w),
+                                     getattr(self, "_pos_embed_mode", "bilinear"))
 
     def resize_grid(self, seq_h: int, seq_w: int, mode: str = "bicubic") -> None:
         """Change the token grid in place, interpolating the three learned position embeddings (buffer rows kept)."""

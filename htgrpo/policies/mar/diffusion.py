@@ -169,22 +169,35 @@ class HeadStep:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+STD_CLAMPS = ("released", "std")
+"""How ``min_std`` bounds σ in a Gaussian log-density (see :func:`gaussian_step_log_prob`)."""
+
+
 def gaussian_step_log_prob(x_prev: Tensor, mean: Tensor, log_variance: Tensor, reduce: str = "mean",
-                           min_std: float = 0.0) -> Tensor:
+                           min_std: float = 0.0, clamp: str = "std") -> Tensor:
     """Per-token log N(x_prev; mean, exp(log_variance)·I), elementwise
 
         log p = −(x_prev − μ)² / (2σ²) − log σ − ½ log 2π,
 
     then reduced over the last (channel) dim: ``reduce="mean"`` (Flow-GRPO/DDPO convention: a per-dimension
     average, shape ``x.shape[:-1]``), ``"sum"`` (the true joint log density of the token) or ``"none"``
-    (elementwise, MAR-GRPO's Harmon code keeps this and reduces through token masks). ``min_std`` > 0 clamps σ from
-    below (MAR-GRPO uses 1e-6).
+    (elementwise, MAR-GRPO's Harmon code keeps this and reduces through token masks). ``min_std`` = m > 0 bounds σ
+    from below (MAR-GRPO uses 1e-6), in one of two ways:
+
+        clamp="std":       σ ← max(σ, m) in both terms
+        clamp="released":  −(x − μ)² / (2·max(σ², m)) − log max(σ, m) − ½ log 2π     (MAR-GRPO's code: the same
+                           constant bounds σ² in the division and σ in the log, i.e. σ ≥ √m in the division)
     """
     if reduce not in ("mean", "sum", "none"):
         raise ConfigError("reduce", f"must be one of ['mean', 'sum', 'none'], got {reduce!r}")
+    if clamp not in STD_CLAMPS:
+        raise ConfigError("clamp", f"must be one of {list(STD_CLAMPS)}, got {clamp!r}")
+    log_variance_div = log_variance
     if min_std > 0:
-        log_variance = log_variance.clamp(min=2.0 * math.log(min_std))
-    elementwise = -0.5 * ((x_prev - mean) ** 2 * torch.exp(-log_variance) + log_variance + LOG_2PI)
+        floor = 2.0 * math.log(min_std)
+        log_variance_div = log_variance.clamp(min=math.log(min_std) if clamp == "released" else floor)
+        log_variance = log_variance.clamp(min=floor)
+    elementwise = -0.5 * ((x_prev - mean) ** 2 * torch.exp(-log_variance_div) + log_variance + LOG_2PI)
     if reduce == "none":
         return elementwise
     return elementwise.mean(dim=-1) if reduce == "mean" else elementwise.sum(dim=-1)

@@ -381,8 +381,8 @@ class DiffusionHead(nn.Module):
     # -- re-scoring stored transitions --------------------------------------------------------------------------
 
     def score_chain(self, z: Tensor, chain: HeadChain, steps: Tensor | None = None, z_uncond: Tensor | None = None,
-                    cfg: float | Tensor = 1.0, reduce: str = "mean", variance: str = "chain", min_std: float = 0.0
-                    ) -> ChainScore:
+                    cfg: float | Tensor = 1.0, reduce: str = "mean", variance: str = "chain", min_std: float = 0.0,
+                    clamp: str = "std") -> ChainScore:
         """Recompute μ_θ(x_t, t, z) for stored transitions and score x_{t−1} under N(μ_θ, σ²).
 
         Args:
@@ -395,6 +395,8 @@ class DiffusionHead(nn.Module):
             variance: ``"chain"`` uses the stored (rollout) σ², so gradients flow only through the mean, as in
                 MAR-GRPO; ``"model"`` uses the recomputed learned-range σ² (tempered by ``chain.temperature``).
             min_std: lower clamp on σ (MAR-GRPO: 1e-6).
+            clamp: how ``min_std`` applies: ``std`` (σ in both terms) or ``released`` (σ² in the division, σ in the
+                log; see :func:`~htgrpo.policies.mar.diffusion.gaussian_step_log_prob`).
 
         Numerics: the first (noisiest) transition is ill-conditioned, μ = (x_t − β_t/√(1−ᾱ_t)·ε)/√α_t with 1/√α_t of
         10²–10⁴ under coarse respacing, so in float32 a recomputed μ there can differ from the recorded one by
@@ -426,15 +428,16 @@ class DiffusionHead(nn.Module):
             log_variance = chain.log_variance[steps]
         else:
             log_variance = mv.log_variance.reshape(S, N, D) + 2.0 * math.log(chain.temperature)
-        log_prob = gaussian_step_log_prob(chain.x_prev[steps], mean, log_variance, reduce=reduce, min_std=min_std)
+        log_prob = gaussian_step_log_prob(chain.x_prev[steps], mean, log_variance, reduce=reduce, min_std=min_std,
+                                          clamp=clamp)
         return ChainScore(log_prob=log_prob, mean=mean, log_variance=log_variance, steps=steps)
 
     def chain_log_probs(self, z: Tensor, chain: HeadChain, steps: Tensor | None = None,
                         z_uncond: Tensor | None = None, cfg: float | Tensor = 1.0, reduce: str = "mean",
-                        variance: str = "chain", min_std: float = 0.0) -> Tensor:
+                        variance: str = "chain", min_std: float = 0.0, clamp: str = "std") -> Tensor:
         """(S, N) per-token log-probs of stored transitions under the current head and ``z`` (differentiable in z and
         in the head's parameters). Same arguments as :meth:`score_chain`."""
-        return self.score_chain(z, chain, steps, z_uncond, cfg, reduce, variance, min_std).log_prob
+        return self.score_chain(z, chain, steps, z_uncond, cfg, reduce, variance, min_std, clamp).log_prob
 
     def forward(self, target: Tensor, z: Tensor, mask: Tensor | None = None) -> Tensor:
         """The training loss (LTH14 ``DiffLoss.forward``)."""

@@ -25,12 +25,14 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from htgrpo.config import require, require_choice
+from htgrpo.config import ConfigError, require, require_choice
 from htgrpo.policies.mar.backbone import MAR
+from htgrpo.policies.mar.diffusion import create_diffusion
 from htgrpo.policies.mar.head import HeadChain
 
 CFG_SCHEDULES = ("constant", "linear")
 MASK_ROUNDINGS = ("floor", "round")
+DECODE_ORDERS = ("from_end", "from_start")
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,8 @@ def _as_step_set(log_ar_steps: Iterable[int] | None, num_ar_steps: int) -> set[i
 def sample_mar(model: MAR, condition: Any = None, *, batch_size: int | None = None, num_ar_steps: int = 64,
                cfg: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0,
                log_ar_steps: Iterable[int] | None = None, generator: torch.Generator | None = None,
-               orders: Tensor | None = None, mask_rounding: str = "floor", eval_mode: bool = True) -> MARRollout:
+               orders: Tensor | None = None, mask_rounding: str = "floor", eval_mode: bool = True,
+               decode_order: str = "from_end") -> MARRollout:
     """Generate B token grids with MAR (no gradients) and return a :class:`MARRollout`.
 
     Args:
@@ -179,7 +182,11 @@ def sample_mar(model: MAR, condition: Any = None, *, batch_size: int | None = No
         temperature: head temperature τ (noise scale of every reverse step).
         log_ar_steps: AR step indices whose full head chains (all positions) are kept.
         generator: the only source of randomness (must live on the model's device).
-        orders: optional (B, L) decode orders instead of random ones.
+        orders: optional (B, L) orders instead of random ones (read as ``decode_order`` says).
+        decode_order: ``from_end`` (LTH14 / Harmon, the release: positions at the END of an order are decoded first,
+            since their ``mask_by_order`` keeps ``order[:, :mask_len]`` masked) or ``from_start`` (``order[:, 0]``
+            first). For random orders the two are the same distribution; they differ for a given order.
+            ``MARRollout.order`` is always the effective decode order (its column 0 is decoded first).
         mask_rounding: ``floor`` (MAR) or ``round`` (NOVA), see :func:`cosine_mask_schedule`.
         eval_mode: run the model in eval mode (no dropout) and restore its mode afterwards.
     """
@@ -187,6 +194,7 @@ def sample_mar(model: MAR, condition: Any = None, *, batch_size: int | None = No
     require(float(cfg) >= 0, "cfg", f"must be >= 0, got {cfg}")
     require_choice(cfg_schedule, CFG_SCHEDULES, "cfg_schedule")
     require(float(temperature) >= 0, "temperature", f"must be >= 0, got {temperature}")
+    require_choice(decode_order, DECODE_ORDERS, "decode_order")
     S = int(num_ar_steps)
     log_set = _as_step_set(log_ar_steps, S)
     if log_set:
@@ -198,17 +206,17 @@ def sample_mar(model: MAR, condition: Any = None, *, batch_size: int | None = No
     try:
         with torch.no_grad():
             return _sample(model, condition, batch_size, S, float(cfg), cfg_schedule, float(temperature), log_set,
-                           generator, orders, mask_rounding)
+                           generator, orders, mask_rounding, decode_order)
     finally:
         model.train(was_training)
 
 
 def _sample(model: MAR, condition: Any, batch_size: int | None, S: int, cfg: float, cfg_schedule: str,
             temperature: float, log_set: set[int], generator: torch.Generator | None, orders: Tensor | None,
-            mask_rounding: str) -> MARRollout:
-    device = model.fake_latent.device
-    cond_emb = model.condition_embedding(condition, batch_size=batch_size)
-    B, L, D, Dz = cond_emb.shape[0], model.seq_len, model.token_embed_dim, model.decoder_embed_dim
+            mask_rounding: str, decode_order: str = "from_end") -> MARRollout:
+    device, dtype = model.fake_latent.device, model.fake_latent.dtype
+    cond_emb = model.condition_embedding(condition, batch_size=batch_size)   # a buffer tensor, or Harmon's KV cache
+    B, L, D, Dz = len(cond_emb), model.seq_len, model.token_embed_dim, model.decoder_embed_dim
     use_cfg = cfg != 1.0
     uncond_emb = model.unconditional_embedding(B, like=cond_emb) if use_cfg else None
     schedule = cosine_mask_schedule(L, S, mask_rounding)
@@ -219,13 +227,17 @@ def _sample(model: MAR, condition: Any, batch_size: int | None, S: int, cfg: flo
         order = torch.as_tensor(orders, device=device).long()
         if order.shape != (B, L) or not bool((order.sort(dim=1).values == torch.arange(L, device=device)).all()):
             raise ValueError(f"orders: expected a permutation of range({L}) per row, shape ({B}, {L})")
+    if decode_order == "from_end":
+        # LTH14: step i keeps order[:, :mask_len_i] masked, i.e. decodes order[:, mask_len_i:mask_len_{i-1}]; as
+        # sets per step that is exactly decoding the reversed order from its start.
+        order = order.flip(1)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=device).expand(B, L))
 
-    tokens = torch.zeros(B, L, D, device=device, dtype=cond_emb.dtype)
+    tokens = torch.zeros(B, L, D, device=device, dtype=dtype)
     known = torch.zeros(B, L, dtype=torch.bool, device=device)
     decoded_all = torch.zeros(S, B, L, dtype=torch.bool, device=device)
     step_of_token = torch.full((B, L), -1, dtype=torch.long, device=device)
-    ar_latents = torch.zeros(B, L, Dz, device=device, dtype=cond_emb.dtype)
+    ar_latents = torch.zeros(B, L, Dz, device=device, dtype=dtype)
     ar_latents_uncond = torch.zeros_like(ar_latents) if use_cfg else None
     cfg_per_step: list[float] = []
     logs: dict[int, MARStepLog] = {}
@@ -241,9 +253,7 @@ def _sample(model: MAR, condition: Any, batch_size: int | None, S: int, cfg: flo
             continue
         mask = ~known
         if use_cfg:
-            z_both = model.ar_latents(torch.cat([tokens, tokens]), torch.cat([mask, mask]),
-                                      torch.cat([cond_emb, uncond_emb]))
-            z, z_u = z_both.chunk(2, dim=0)
+            z, z_u = model.guided_ar_latents(tokens, mask, cond_emb, uncond_emb)
         else:
             z, z_u = model.ar_latents(tokens, mask, cond_emb), None
 
@@ -274,12 +284,102 @@ def _sample(model: MAR, condition: Any, batch_size: int | None, S: int, cfg: flo
                       schedule=schedule, steps=logs, temperature=temperature)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Sampler settings (the ``sampler=mar`` config node), for any MAR policy
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MARSampled:
+    """What :meth:`MARSamplerSettings.sample` returns: palette ``codes`` (B, N) (what ``PolicyImageGenerator``
+    decodes; None for a policy without a palette ``codec``), the continuous ``tokens`` (B, N, D) and the full
+    :class:`MARRollout`."""
+
+    codes: Tensor | None
+    tokens: Tensor
+    rollout: MARRollout
+
+
+@dataclass(frozen=True)
+class MARSamplerSettings:
+    """How a MAR policy turns a prompt into tokens (``conf/sampler/mar.yaml``; MAR's ``sample_tokens`` flags).
+
+    Attributes:
+        name: ``mar``.
+        num_ar_steps: AR steps S (cosine schedule; MAR / MAR-GRPO: 64).
+        cfg: guidance scale of the head's ε: ε_u + cfg·(ε_c − ε_u); 1 = no unconditional branch.
+        cfg_schedule: ``constant`` (Harmon in MAR-GRPO) or ``linear`` (LTH14: grows from ≈1 to cfg).
+        temperature: head noise scale τ (> 0 for RL: the logged transitions need a density).
+        num_diffusion_steps: respacing of the head's sampling chain (25–100 in MAR; null = the policy's own).
+        mask_rounding: ``floor`` (MAR/Harmon) or ``round`` (NOVA) in the cosine mask schedule.
+        decode_order: ``from_end`` (LTH14 / Harmon / the release) or ``from_start``: which end of an order is decoded
+            first (see :func:`sample_mar`; matters only for explicitly given orders).
+    """
+
+    name: str = "mar"
+    num_ar_steps: int = 64
+    cfg: float = 1.0
+    cfg_schedule: str = "constant"
+    temperature: float = 1.0
+    num_diffusion_steps: int | str | None = "ddim25"
+    mask_rounding: str = "floor"
+    decode_order: str = "from_end"
+
+    def __post_init__(self) -> None:
+        require_choice(self.name, ("mar",), "name")
+        require_choice(self.decode_order, DECODE_ORDERS, "decode_order")
+        require(int(self.num_ar_steps) >= 1, "num_ar_steps", f"must be >= 1, got {self.num_ar_steps}")
+        require(float(self.cfg) >= 0, "cfg", f"must be >= 0, got {self.cfg}")
+        require_choice(self.cfg_schedule, CFG_SCHEDULES, "cfg_schedule")
+        require(float(self.temperature) >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        require_choice(self.mask_rounding, MASK_ROUNDINGS, "mask_rounding")
+        if self.num_diffusion_steps is not None:
+            try:
+                create_diffusion(str(self.num_diffusion_steps))
+            except (ValueError, ConfigError) as err:
+                msg = err.message if isinstance(err, ConfigError) else str(err)
+                raise ConfigError("num_diffusion_steps", msg) from None
+
+    def sample(self, policy: Any, prompt_tokens: Any, generator: torch.Generator | None = None,
+               log_ar_steps: Iterable[int] | None = None) -> MARSampled:
+        """Sample one token grid per prompt row; ``log_ar_steps`` keeps those steps' full head chains (RL).
+
+        ``policy``: any MAR policy (``.mar``, ``.use_sampling_steps``; ``.codec`` when tokens map to palette codes).
+        Sampling runs on ``policy.ar_model`` when the policy has one (what owns the conditioning path: Harmon's
+        MAR encoder → LLM → decoder), else on ``policy.mar``.
+        """
+        if not hasattr(policy, "mar"):
+            raise ConfigError("sampler", f"sampler=mar drives a MAR policy, got {type(policy).__name__} "
+                                         "(use sampler=emerge or sampler=maskgit for masked-diffusion policies)")
+        policy.use_sampling_steps(self.num_diffusion_steps)
+        model = policy.ar_model if hasattr(policy, "ar_model") else policy.mar
+        rollout = sample_mar(model, prompt_tokens, num_ar_steps=int(self.num_ar_steps), cfg=float(self.cfg),
+                             cfg_schedule=self.cfg_schedule, temperature=float(self.temperature),
+                             log_ar_steps=log_ar_steps, generator=generator, mask_rounding=self.mask_rounding,
+                             decode_order=self.decode_order)
+        # Palette policies map tokens to discrete codes (what PolicyImageGenerator decodes); others decode `tokens`.
+        codec = getattr(policy, "codec", None)
+        codes = codec.tokens_to_codes(rollout.tokens) if codec is not None else None
+        return MARSampled(codes=codes, tokens=rollout.tokens, rollout=rollout)
+
+
+def require_mar_sampler(sampler: Any, key: str = "sampler") -> None:
+    """Raise a ConfigError naming ``key`` unless ``sampler`` is a :class:`MARSamplerSettings`."""
+    if sampler is not None and not isinstance(sampler, MARSamplerSettings):
+        raise ConfigError(key, f"a MAR policy needs the MAR sampler (sampler=mar), got {type(sampler).__name__} "
+                               f"{getattr(sampler, 'name', '')!r}")
+
+
 __all__ = [
     "CFG_SCHEDULES",
+    "DECODE_ORDERS",
     "MARRollout",
+    "MARSampled",
+    "MARSamplerSettings",
     "MARStepLog",
     "MaskSchedule",
     "cfg_at_step",
     "cosine_mask_schedule",
+    "require_mar_sampler",
     "sample_mar",
 ]

@@ -8,7 +8,7 @@ image the LLaDA toy policy would produce from those codes (and is scored by the 
 Text: the word-level tokenizer of the LLaDA toy (:class:`~htgrpo.policies.tokenizers.WordTextTokenizer`, left-padded)
 feeds MAR's :class:`~htgrpo.policies.mar.backbone.TextConditioner`, which fills the buffer tokens.
 
-Sampling goes through :class:`MARSamplerSettings` (``conf/sampler/mar.yaml``); its ``sample`` returns a
+Sampling goes through :class:`~htgrpo.policies.mar.sampling.MARSamplerSettings` (``conf/sampler/mar.yaml``); its ``sample`` returns a
 :class:`MARSampled` whose ``codes`` are palette indices, so :class:`~htgrpo.policies.generators.PolicyImageGenerator`
 (validation, ``htgrpo.evaluate``) works with a MAR policy unchanged.
 
@@ -27,7 +27,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +36,8 @@ from htgrpo.config import ConfigError, require, require_choice, require_range
 from htgrpo.data.shapes.palette import ShapesWorldConfig
 from htgrpo.policies.mar.backbone import MAR, MARConfig, TextCondition
 from htgrpo.policies.mar.diffusion import GaussianDiffusion, create_diffusion
-from htgrpo.policies.mar.sampling import CFG_SCHEDULES, MASK_ROUNDINGS, MARRollout, sample_mar
+# The sampler settings live with the generic sampling loop; re-exported here for existing imports.
+from htgrpo.policies.mar.sampling import MARSampled, MARSamplerSettings, require_mar_sampler
 from htgrpo.policies.tokenizers import PaletteImageTokenizer, WordTextTokenizer
 
 POLICY_FILE = "policy.json"
@@ -97,77 +98,6 @@ class PaletteTokenCodec:
     def decode(self, tokens: Tensor) -> Tensor:
         """(B, N, 3) tokens → uint8 images (B, 3, H, W) via the nearest palette colour of every cell."""
         return self.image_tokenizer.decode(self.tokens_to_codes(tokens).cpu())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sampler settings
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MARSampled:
-    """What :meth:`MARSamplerSettings.sample` returns: palette ``codes`` (B, N) (what ``PolicyImageGenerator``
-    decodes), the continuous ``tokens`` (B, N, D) and the full :class:`MARRollout`."""
-
-    codes: Tensor
-    tokens: Tensor
-    rollout: MARRollout
-
-
-@dataclass(frozen=True)
-class MARSamplerSettings:
-    """How a MAR policy turns a prompt into tokens (``conf/sampler/mar.yaml``; MAR's ``sample_tokens`` flags).
-
-    Attributes:
-        name: ``mar``.
-        num_ar_steps: AR steps S (cosine schedule; MAR / MAR-GRPO: 64).
-        cfg: guidance scale of the head's ε: ε_u + cfg·(ε_c − ε_u); 1 = no unconditional branch.
-        cfg_schedule: ``constant`` (Harmon in MAR-GRPO) or ``linear`` (LTH14: grows from ≈1 to cfg).
-        temperature: head noise scale τ (> 0 for RL: the logged transitions need a density).
-        num_diffusion_steps: respacing of the head's sampling chain (25–100 in MAR; null = the policy's own).
-        mask_rounding: ``floor`` (MAR/Harmon) or ``round`` (NOVA) in the cosine mask schedule.
-    """
-
-    name: str = "mar"
-    num_ar_steps: int = 64
-    cfg: float = 1.0
-    cfg_schedule: str = "constant"
-    temperature: float = 1.0
-    num_diffusion_steps: int | str | None = "ddim25"
-    mask_rounding: str = "floor"
-
-    def __post_init__(self) -> None:
-        require_choice(self.name, ("mar",), "name")
-        require(int(self.num_ar_steps) >= 1, "num_ar_steps", f"must be >= 1, got {self.num_ar_steps}")
-        require(float(self.cfg) >= 0, "cfg", f"must be >= 0, got {self.cfg}")
-        require_choice(self.cfg_schedule, CFG_SCHEDULES, "cfg_schedule")
-        require(float(self.temperature) >= 0, "temperature", f"must be >= 0, got {self.temperature}")
-        require_choice(self.mask_rounding, MASK_ROUNDINGS, "mask_rounding")
-        if self.num_diffusion_steps is not None:
-            try:
-                create_diffusion(str(self.num_diffusion_steps))
-            except (ValueError, ConfigError) as err:
-                msg = err.message if isinstance(err, ConfigError) else str(err)
-                raise ConfigError("num_diffusion_steps", msg) from None
-
-    def sample(self, policy: "ShapesMARPolicy", prompt_tokens: TextCondition, generator: torch.Generator | None = None,
-               log_ar_steps: Iterable[int] | None = None) -> MARSampled:
-        """Sample one token grid per prompt row; ``log_ar_steps`` keeps those steps' full head chains (RL)."""
-        if not isinstance(policy, ShapesMARPolicy):
-            raise ConfigError("sampler", f"sampler=mar drives a MAR policy, got {type(policy).__name__} "
-                                         "(use sampler=emerge or sampler=maskgit for masked-diffusion policies)")
-        policy.use_sampling_steps(self.num_diffusion_steps)
-        rollout = sample_mar(policy.mar, prompt_tokens, num_ar_steps=int(self.num_ar_steps), cfg=float(self.cfg),
-                             cfg_schedule=self.cfg_schedule, temperature=float(self.temperature),
-                             log_ar_steps=log_ar_steps, generator=generator, mask_rounding=self.mask_rounding)
-        return MARSampled(codes=policy.codec.tokens_to_codes(rollout.tokens), tokens=rollout.tokens, rollout=rollout)
-
-
-def require_mar_sampler(sampler: Any, key: str = "sampler") -> None:
-    """Raise a ConfigError naming ``key`` unless ``sampler`` is a :class:`MARSamplerSettings`."""
-    if sampler is not None and not isinstance(sampler, MARSamplerSettings):
-        raise ConfigError(key, f"a MAR policy needs the MAR sampler (sampler=mar), got {type(sampler).__name__} "
-                               f"{getattr(sampler, 'name', '')!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,307 @@
+"""What every GRPO training module shares (HT-GRPO and its baselines, MAR-GRPO): one base LightningModule.
+
+A GRPO module trains under manual optimisation; one Lightning training step is one rollout batch::
+
+    rollout (subclass) → reward (here) → advantages / plan (subclass) → K × [backward (subclass), clip + step (here)]
+
+This base holds everything that is not the algorithm itself:
+
+* the common keys (``num_generations``, ``scale_rewards``, ``beta``, ``epsilon``/``epsilon_high``, ``loss_type``,
+  AdamW, warm-up, ``max_grad_norm``, ``seed``), validated at start-up with their names;
+* the frozen reference policy (a copy of the starting policy; none when ``beta = 0``);
+* the rollout counter (a buffer, so it travels with the weights) and the per-step random generators seeded with
+  (seed, rank, rollout step, stream), saved in checkpoints so a resumed run repeats an uninterrupted one exactly;
+* the reward call through :func:`htgrpo.rewards.base.safe_score` (a failing scorer gives NaN, counted in
+  ``train/nonfinite_rewards``; the reward's components are logged as ``train/reward/<name>``);
+* the AdamW optimiser with its linear warm-up, and clip-and-step through the strategy's own mechanism
+  (:func:`htgrpo.strategies.clip_and_step`);
+* the step-log entries every GRPO module writes (reward statistics, update statistics, timings, throughput).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from htgrpo.algorithms.base import PolicyModule
+from htgrpo.algorithms.grpo_math import LOSS_TYPES, SCALE_REWARDS, GroupAdvantages
+from htgrpo.config import require, require_choice, require_range
+from htgrpo.evaluation.benchmark import Benchmark
+from htgrpo.rewards.base import RewardOutput, reward_log, safe_score
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    """A config section (``None``, a mapping, or an OmegaConf node) as a plain dict."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    from omegaconf import OmegaConf
+
+    return dict(OmegaConf.to_container(value, resolve=True))  # type: ignore[arg-type]
+
+
+def step_seed(seed: int, rank: int, step: int, stream: int) -> int:
+    """A 63-bit seed for (run seed, rank, rollout step, stream): independent streams, reproducible on resume.
+
+    seed' = first draw of ``randint(0, 2^62)`` from a generator seeded with ((seed·1000003 + rank·10007 + step)·31
+    + stream).
+    """
+    return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(
+        (seed * 1_000_003 + rank * 10_007 + step) * 31 + stream)).item())
+
+
+def token_weighted(values: Sequence[float], tokens: Sequence[int]) -> float:
+    """Σ_u v_u · n_u / Σ_u n_u over updates u (n_u: scored tokens of u); the denominator is at least 1."""
+    total = max(sum(tokens), 1)
+    return sum(v * (n / total) for v, n in zip(values, tokens))
+
+
+class GroupedRollout:
+    """Mixin of the rollout dataclasses: ``prompts`` (B·G, group-contiguous: sample g·G + j is generation j of prompt
+    g) and ``num_generations`` (G) give the number of images and of groups (what ``GRPOModule.reward`` and the step
+    log read)."""
+
+    prompts: list[Any]
+    num_generations: int
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.prompts) // self.num_generations
+
+
+class GRPOModule(PolicyModule):
+    """Base of the GRPO modules: common keys, reference, counters, reward call, optimiser, clip-and-step, logging.
+
+    Subclasses implement ``training_step`` (the algorithm box) and call, in order: ``self.reward(rollout)``,
+    their update(s) ending in ``self.clip_and_step(optimizer)``, the step-log helpers, ``self.rollout_step += 1``.
+
+    Args:
+        policy: the policy being trained.
+        reward: a :class:`~htgrpo.rewards.base.Reward` or any callable ``(images uint8 (B,3,H,W), records) ->
+            (B,)``.
+        benchmark: validation benchmark.
+        sampler: validation sampler settings.
+        rollout_sampler: sampler settings of the rollouts (defaults to ``sampler``).
+        num_generations: G, images per prompt in a group (TRL name).
+        scale_rewards: ``group`` | ``batch`` | ``none`` (TRL name).
+        beta: KL coefficient against the frozen reference (TRL name); 0 skips the reference entirely.
+        epsilon, epsilon_high: lower / upper clip of the ratio (None = epsilon).
+        loss_type: ``token_mean`` or ``seq_mean``.
+        lr, weight_decay, betas, warmup_steps: AdamW and its linear warm-up (in optimiser updates).
+        max_grad_norm: gradient-norm clip per update (0 disables clipping; the norm is still logged).
+        seed: seed of every random draw of a step (combined with rank and rollout step).
+        val_seed: validation sampling noise.
+    """
+
+    #: key of this module's state in a Lightning checkpoint (kept per module so older checkpoints still load).
+    checkpoint_state_key = "grpo"
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        reward: Any,
+        benchmark: Benchmark | None,
+        sampler: Any,
+        rollout_sampler: Any,
+        *,
+        num_generations: int,
+        scale_rewards: str,
+        beta: float,
+        epsilon: float,
+        epsilon_high: float | None,
+        loss_type: str,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float],
+        warmup_steps: int,
+        max_grad_norm: float,
+        seed: int,
+        val_seed: int,
+    ):
+        super().__init__(policy, benchmark, sampler, val_seed)
+        self.automatic_optimization = False
+        self.reward_fn = reward
+        self.rollout_sampler = rollout_sampler or self.sampler
+
+        # --- validate the common keys up front: a bad value fails at start-up with its name ---------------------
+        require(int(num_generations) >= 2, "num_generations",
+                f"must be >= 2 (a group needs a baseline), got {num_generations}")
+        require_choice(scale_rewards, SCALE_REWARDS, "scale_rewards")
+        require(float(beta) >= 0, "beta", f"must be >= 0, got {beta}")
+        require_range(float(epsilon), "epsilon", 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+        require(epsilon_high is None or float(epsilon_high) > 0, "epsilon_high",
+                f"must be > 0 or null, got {epsilon_high}")
+        require_choice(loss_type, LOSS_TYPES, "loss_type")
+        require(float(lr) > 0, "lr", f"must be > 0, got {lr}")
+        require(float(weight_decay) >= 0, "weight_decay", f"must be >= 0, got {weight_decay}")
+        require(int(warmup_steps) >= 0, "warmup_steps", f"must be >= 0, got {warmup_steps}")
+        require(float(max_grad_norm) >= 0, "max_grad_norm", f"must be >= 0, got {max_grad_norm}")
+        self.num_generations = int(num_generations)
+        self.scale_rewards, self.loss_type = str(scale_rewards), str(loss_type)
+        self.beta, self.epsilon = float(beta), float(epsilon)
+        self.epsilon_high = None if epsilon_high is None else float(epsilon_high)
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.betas = tuple(float(b) for b in betas)
+        self.warmup_steps, self.max_grad_norm = int(warmup_steps), float(max_grad_norm)
+        self.seed = int(seed)
+
+        # The frozen reference: a copy of the starting policy (skipped when beta = 0). Frozen parameters are never
+        # given to the optimiser, and sharding strategies leave it unwrapped (htgrpo.strategies).
+        self.reference = self.build_reference()
+        # A buffer, so the counter travels with the weights (ddp_spawn copies them back to the main process).
+        self.register_buffer("rollout_counter", torch.zeros((), dtype=torch.long))
+        self.last_reward_output: RewardOutput | None = None
+        self.last_timings: dict[str, float] = {}  # seconds of the last step's phases (rollout, reward, update ...)
+
+    def build_reference(self) -> torch.nn.Module | None:
+        """The frozen reference policy for the KL term: a deep copy of the starting policy, or None if ``beta = 0``.
+
+        (Left in train mode like the policy: log-prob passes switch modes themselves.)
+        """
+        if self.beta <= 0 or self.policy is None:
+            return None
+        return copy.deepcopy(self.policy).requires_grad_(False)
+
+    # ===================================================================================================
+    # Per-step randomness and counters
+    # ===================================================================================================
+    def step_generator(self, stream: int) -> torch.Generator:
+        """The generator of random stream ``stream`` of the current rollout step on this rank."""
+        return torch.Generator(device=self.policy.device).manual_seed(
+            step_seed(self.seed, self.global_rank, self.rollout_step, stream))
+
+    @property
+    def rollout_step(self) -> int:
+        """Rollout batches done so far (Lightning's ``global_step`` counts the K updates of each)."""
+        return int(self.rollout_counter)
+
+    @rollout_step.setter
+    def rollout_step(self, value: int) -> None:
+        self.rollout_counter.fill_(int(value))
+
+    @property
+    def training_steps_done(self) -> int:
+        """Rollout batches trained on (what ``summary.json`` reports as ``steps``)."""
+        return self.rollout_step
+
+    # ===================================================================================================
+    # Reward
+    # ===================================================================================================
+    def reward(self, rollout: Any) -> Tensor:
+        """(B·G,) float32 scores of ``rollout.images`` against ``rollout.prompts``' records.
+
+        Through :func:`~htgrpo.rewards.base.safe_score`: an image whose scoring raises gets NaN (advantage 0,
+        counted in ``train/nonfinite_rewards``), so a failing scorer never stops training. The full output
+        (components included) is kept in ``last_reward_output`` for the step log.
+        """
+        records = [p.record for p in rollout.prompts]
+        output = safe_score(self.reward_fn, rollout.images, records)
+        if len(output) != len(rollout):
+            raise RuntimeError(f"reward returned {len(output)} values for {len(rollout)} images")
+        self.last_reward_output = output
+        return output.scores
+
+    # ===================================================================================================
+    # Optimiser and clip-and-step
+    # ===================================================================================================
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        warmup = self.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                      lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def clip_and_step(self, optimizer: Any) -> float:
+        """Clip the accumulated gradients to ``max_grad_norm`` (0: no clipping), step the optimiser and the
+        warm-up scheduler; returns the global gradient norm before clipping."""
+        from htgrpo.strategies import clip_and_step
+
+        norm = clip_and_step(self, optimizer, self.max_grad_norm)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        return norm
+
+    # ===================================================================================================
+    # Checkpoint state
+    # ===================================================================================================
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Everything random in a step derives from (seed, rank, rollout_step): saving the counter makes resume exact.
+        checkpoint[self.checkpoint_state_key] = {"rollout_step": self.rollout_step, "torch_rng": torch.get_rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(self.checkpoint_state_key, {})
+        self.rollout_step = int(state.get("rollout_step", 0))
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+
+    # ===================================================================================================
+    # Step logging
+    # ===================================================================================================
+    def reward_step_log(self, prompts: Sequence[Any], rewards: Tensor, advantages: GroupAdvantages,
+                        entropy: float) -> dict[str, float]:
+        """Reward statistics of a step: mean / std over the finite rewards, flat-group and non-finite counts, the
+        policy's entropy, the rollout counter, the mean reward per prompt group and per reward component."""
+        finite = torch.isfinite(rewards)
+        r = rewards[finite]
+        log = {
+            "train/reward/mean": float(r.mean()) if r.numel() else math.nan,
+            "train/reward/std": float(r.std()) if r.numel() > 1 else 0.0,
+            "train/zero_variance_fraction": advantages.zero_variance_fraction,
+            "train/nonfinite_rewards": float(advantages.nonfinite_rewards),
+            "train/entropy": entropy,
+            "train/rollout_step": float(self.rollout_step),
+        }
+        groups: dict[str, list[float]] = {}
+        for p, value, ok in zip(prompts, rewards.tolist(), finite.tolist()):
+            if ok:
+                groups.setdefault(p.group, []).append(value)
+        for group, values in groups.items():
+            log[f"train/reward/{group}"] = sum(values) / len(values)
+        if self.last_reward_output is not None:
+            log.update(reward_log(self.last_reward_output))
+        return log
+
+    @staticmethod
+    def update_step_log(updates: Sequence[Any], tokens: Sequence[int]) -> dict[str, float]:
+        """Statistics of a step's updates (objects with ``loss``, ``ratio_mean``, ``clip_low``, ``clip_high``,
+        ``grad_norm``): mean loss and grad norm; ratio and clip fractions weighted by each update's ``tokens``."""
+        if not updates:
+            return {}
+        n = len(updates)
+        return {
+            "train/loss": sum(u.loss for u in updates) / n,
+            "train/ratio_mean": token_weighted([u.ratio_mean for u in updates], tokens),
+            "train/clip_fraction/low": token_weighted([u.clip_low for u in updates], tokens),
+            "train/clip_fraction/high": token_weighted([u.clip_high for u in updates], tokens),
+            "train/grad_norm": sum(u.grad_norm for u in updates) / n,
+        }
+
+    @staticmethod
+    def perf_step_log(timings: Mapping[str, float], num_images: int, num_tokens: int) -> dict[str, float]:
+        """Seconds per phase (``time/<phase>_s``), rollout throughput (images and tokens per second of the rollout
+        phase) and the step's total seconds."""
+        log = {f"time/{phase}_s": seconds for phase, seconds in timings.items()}
+        rollout_s = max(timings.get("rollout", 0.0), 1e-9)
+        log["perf/images_per_s"] = num_images / rollout_s
+        log["perf/tokens_per_s"] = num_tokens / rollout_s
+        log["perf/step_s"] = sum(timings.values())
+        return log
+
+    def emit_step_log(self, log: dict[str, float], num_groups: int) -> None:
+        """Log a step's entries (and the mean reward on the progress bar)."""
+        self.log_dict(log, batch_size=num_groups)
+        self.log("reward", log["train/reward/mean"], prog_bar=True, logger=False, batch_size=num_groups)
+
+
+__all__ = ["GRPOModule", "GroupedRollout", "as_dict", "step_seed", "token_weighted"]

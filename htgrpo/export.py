@@ -1,0 +1,105 @@
+"""``python -m htgrpo.export ckpt_path=RUN/checkpoints/last.ckpt out=DIR [merge=true]`` — a fit checkpoint as a folder.
+
+1. Rebuild the policy exactly as the fit run did, from the run's composed config (``RUN/.hydra/config.yaml``, found
+   next to ``ckpt_path``, or ``run_config=FILE``): with LoRA this is the base model with fresh adapters.
+2. Load the checkpoint's ``policy.*`` weights into it (a LoRA checkpoint holds only the adapters; the frozen base
+   weights come from the base checkpoint the run was built from).
+3. Write ``out``:
+   - ``merge=false`` (LoRA): peft's adapter folder, ``adapter_config.json`` + ``adapter_model.safetensors``; load it
+     with ``PeftModel.from_pretrained(LLaDAModelLM.from_pretrained(BASE), out)``, or evaluate it with
+     ``python -m htgrpo.evaluate policy=<the base policy> ckpt_path=out``;
+   - ``merge=true`` (or a full fine-tuning checkpoint): the adapters folded into the weights and the whole policy
+     saved with ``save_pretrained`` (``config.json`` + ``model.safetensors`` + layout and tokenizer files); load it
+     with ``LLaDAModelLM.from_pretrained(out)`` or ``python -m htgrpo.evaluate ckpt_path=out``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from htgrpo._hydra import config_dir
+from htgrpo.config import ConfigError, instantiate_node
+
+log = logging.getLogger("htgrpo.export")
+
+
+def find_run_config(ckpt: Path, levels: int = 3) -> Path | None:
+    """``.hydra/config.yaml`` in the checkpoint's folder or one of its ``levels`` parents (fit writes checkpoints to
+    ``RUN/checkpoints/``)."""
+    for folder in list(ckpt.resolve().parents)[:levels]:
+        candidate = folder / ".hydra" / "config.yaml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def policy_weights(checkpoint: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """The ``policy.*`` entries of a Lightning checkpoint's state dict, prefix removed."""
+    weights = {k[len("policy."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("policy.")}
+    if not weights:
+        raise ConfigError("ckpt_path", f"{path} holds no 'policy.*' weights: not a checkpoint written by htgrpo.fit")
+    return weights
+
+
+def load_fit_checkpoint(ckpt_path: str | Path, run_config: str | Path | None = None) -> torch.nn.Module:
+    """The trained policy of a fit checkpoint, rebuilt from the run's config (see the module docstring)."""
+    from htgrpo.policies.lora import load_policy_weights
+
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        raise ConfigError("ckpt_path", f"{path} is not a file (expected a Lightning .ckpt written by htgrpo.fit)")
+    config_path = Path(str(run_config)).expanduser() if run_config else find_run_config(path)
+    if config_path is None or not config_path.is_file():
+        raise ConfigError("run_config", f"no fit run config found for {path} (looked for .hydra/config.yaml in its"
+                                        " parent folders); pass run_config=RUN/.hydra/config.yaml")
+    run_cfg = OmegaConf.load(config_path)
+    policy = instantiate_node(run_cfg, "policy")
+    if not isinstance(policy, torch.nn.Module):
+        raise ConfigError("ckpt_path", f"the run's policy ({type(policy).__name__}) has no trainable weights to export")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    load_policy_weights(policy, policy_weights(checkpoint, path), key="ckpt_path")
+    return policy
+
+
+def export(ckpt_path: str | Path, out: str | Path, merge: bool = False,
+           run_config: str | Path | None = None) -> list[str]:
+    """Write the folder (see the module docstring); returns the names of the files written."""
+    from htgrpo.policies.lora import is_lora, merge_lora, save_adapter
+
+    policy = load_fit_checkpoint(ckpt_path, run_config)
+    out = Path(str(out)).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    if is_lora(policy) and not merge:
+        save_adapter(policy, out)
+        kind = "adapter"
+    else:
+        if not is_lora(policy) and not merge:
+            log.info("full fine-tuning checkpoint: writing the full policy folder (there is no adapter)")
+        merge_lora(policy).save_pretrained(out)
+        kind = "merged" if merge else "full"
+    files = sorted(p.name for p in out.iterdir())
+    print(f"exported {kind} policy -> {out}: {', '.join(files)}")
+    return files
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
+def main(cfg: DictConfig) -> None:
+    try:
+        for key in ("ckpt_path", "out"):
+            if OmegaConf.is_missing(cfg, key):
+                raise ConfigError(key, "is mandatory: set it on the command line (ckpt_path=RUN/checkpoints/last.ckpt"
+                                       " out=DIR)")
+        export(cfg.ckpt_path, cfg.out, merge=bool(cfg.merge), run_config=cfg.get("run_config"))
+    except ConfigError as err:
+        log.error("configuration error: %s", err)
+        raise SystemExit(f"Configuration error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
