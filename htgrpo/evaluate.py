@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from htgrpo._hydra import config_dir
 from htgrpo.config import ConfigError, call_checked, instantiate_node
 from htgrpo.data.records import MetadataError
+from htgrpo.evaluation.image_metrics import ImageMetrics, TappedGenerator
 from htgrpo.evaluation.benchmark import run_benchmark, save_grid
 from htgrpo.evaluation.official import write_geneval_results
 from htgrpo.policies.generators import as_image_generator
@@ -81,16 +82,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     benchmark = instantiate_node(cfg, "benchmark")
     call_checked(benchmark.prepare, "benchmark.scorer")  # scorer weights + prompt checks fail here, at start-up
     sampler = instantiate_node(cfg, "sampler")
+    image_metrics = ImageMetrics(cfg, output_dir)  # metrics=[fid, kid, <reward>, ...]: built and checked at start-up
     policy = load_policy(cfg)
     if isinstance(policy, torch.nn.Module):
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         policy = policy.to(device).eval()
     generator = as_image_generator(policy, sampler)
+    if image_metrics:  # sees every generated batch, so the images are generated once
+        generator = TappedGenerator(generator, image_metrics)
     image_dir = output_dir / "images" if cfg.get("save_images", False) else None
     report = run_benchmark(benchmark, generator, seed=int(cfg.seed), samples_per_group=int(cfg.samples_per_group),
                            image_dir=image_dir)
 
     results = report.results_json()
+    if image_metrics:
+        results["metrics"] = image_metrics.compute()
     (output_dir / f"{report.kind}_results.json").write_text(json.dumps(results, indent=2) + "\n")
     with open(output_dir / f"{report.kind}_images.jsonl", "w") as fh:
         for row in report.rows:
@@ -101,6 +107,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         save_grid(images, output_dir / "samples" / f"grid_{group}.png", nrow=benchmark.images_per_prompt)
     print()
     print(report.table())
+    for name, value in results.get("metrics", {}).items():
+        print(f"{name}: {value:.4f}")
     print(f"({time.perf_counter() - started:.1f} s) results: {output_dir / f'{report.kind}_results.json'}")
     return results
 

@@ -15,8 +15,10 @@ from htgrpo.algorithms.credit import (
     structure_mask,
     structure_rank,
     token_advantages,
+    validate_credit,
     validate_fraction,
 )
+from htgrpo.config import ConfigError
 
 
 def close(actual: torch.Tensor, expected: list, tol: float = 1e-5) -> None:
@@ -125,6 +127,13 @@ def test_credit_validation() -> None:
         credit_weights(RANK4, S4, "binary", alpha=-1.0)
     with pytest.raises(ValueError, match="credit.gamma"):
         credit_weights(RANK4, S4, "soft", gamma=-1.0)
+    # the one range check: alpha >= 0 (0 allowed), gamma > 0 (0 rejected), both finite
+    assert validate_credit("soft", 0, 2) == ("soft", 0.0, 2.0)
+    for alpha, gamma, key in ((-0.5, 1.0, "credit.alpha"), (float("nan"), 1.0, "credit.alpha"),
+                              (1.0, 0.0, "credit.gamma"), (1.0, float("inf"), "credit.gamma"), (True, 1.0, "credit.alpha")):
+        with pytest.raises(ConfigError) as err:
+            validate_credit("binary", alpha, gamma)
+        assert err.value.key == key
 
 
 def test_token_advantages_by_hand() -> None:

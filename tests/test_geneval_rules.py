@@ -13,6 +13,7 @@ from htgrpo.data.shapes.prompts import random_geneval_record
 from htgrpo.rewards.detection import Detection
 from htgrpo.rewards.geneval import (
     GenEvalThresholds,
+    box_iou,
     evaluate_geneval,
     filter_detections,
     relative_position,
@@ -35,6 +36,58 @@ def position(a: str, rel: str, b: str) -> GenEvalRecord:
 
 
 # ------------------------------------------------------------------------------------------- filtering
+
+
+def test_scores_of_exactly_0_3_and_0_9_are_compared_in_float32():
+    # float32(0.3) = 0.30000001192...: above 0.3 in float64, but the official numpy code compares in float32,
+    # where it equals the threshold and is dropped (strict >). 0.900000001 rounds to float32(0.9) = 0.89999998:
+    # above 0.9 in float64, equal in float32. One float32 step above each threshold is kept.
+    f32_03, f32_09 = float(np.float32(0.3)), 0.900000001
+    assert f32_03 > 0.3 and f32_09 > 0.9 and np.float32(f32_09) == np.float32(0.9)  # float64 would keep both
+    above_03 = float(np.nextafter(np.float32(0.3), np.float32(1)))
+    above_09 = float(np.nextafter(np.float32(0.9), np.float32(1)))
+    dets = [det("circle", 0.3), det("circle", f32_03), det("circle", above_03)]
+    assert [d.score for d in filter_detections(dets, "colors")["circle"]] == [above_03]
+    dets = [det("circle", 0.9), det("circle", f32_09), det("circle", above_09)]
+    assert [d.score for d in filter_detections(dets, "counting")["circle"]] == [above_09]
+    # counting: two circles, one at exactly 0.9 -> only one counts -> "expected circle>=2, found 1"
+    res = evaluate_geneval([det("circle", 0.95), det("circle", 0.9)], counting("circle", 2))
+    assert not res.correct and res.reason == "expected circle>=2, found 1"
+
+
+def test_ties_keep_the_later_detection_first_like_argsort_reversed():
+    # np.argsort([0.8, 0.8])[::-1] == [1, 0]: among equal scores the LATER detection comes first.
+    first_red, second_blue = det("circle", 0.8, color="red"), det("circle", 0.8, color="blue")
+    assert filter_detections([first_red, second_blue], "colors")["circle"] == [second_blue, first_red]
+    red = GenEvalRecord("colors", "a photo of a red circle", (R("circle", 1, color="red"),))
+    res = evaluate_geneval([first_red, second_blue], red)
+    assert not res.correct and res.reason == "expected red circle>=1, found 0 red; and 1 blue"
+    assert evaluate_geneval([second_blue, first_red], red).correct
+    # scores equal in float32 but not in float64 are a tie too
+    a, b = det("square", 0.7, color="red"), det("square", 0.7 + 1e-9, color="blue")
+    assert filter_detections([b, a], "colors")["square"] == [a, b]
+    # max_objects truncates after the tie order: the later one of a tie survives
+    kept = filter_detections([det("square", 0.5, cx=1), det("square", 0.5, cx=2)], "colors", GenEvalThresholds(max_objects=1))
+    assert [d.center[0] for d in kept["square"]] == [2]
+
+
+def test_box_iou_is_genevals_inclusive_pixel_formula():
+    # (0,0,9,9) and (5,0,14,9): 10x10 boxes (inclusive corners) overlapping in 5x10 = 50 -> 50 / 150
+    assert box_iou((0, 0, 9, 9), (5, 0, 14, 9)) == pytest.approx(1 / 3)
+    assert box_iou((0, 0, 9, 9), (20, 20, 29, 29)) == 0.0
+    assert box_iou((0, 0, -1, -1), (0, 0, -1, -1)) == 0  # empty union
+
+
+def test_max_overlap_is_greedy_same_class_nms():
+    a = Detection("dog", 0.9, (0, 0, 9, 9))
+    b = Detection("dog", 0.8, (5, 0, 14, 9))  # IoU(a, b) = 1/3
+    c = Detection("dog", 0.7, (1, 0, 10, 9))  # IoU(a, c) = 90/110 = 0.818
+    d = Detection("cat", 0.6, (0, 0, 9, 9))  # other class: never suppressed by dogs
+    assert len(filter_detections([a, b, c, d], "two_object")["dog"]) == 3  # default 1.0: no NMS
+    kept = filter_detections([a, b, c, d], "two_object", GenEvalThresholds(max_overlap=0.5))
+    assert kept["dog"] == [a, b] and kept["cat"] == [d]
+    kept = filter_detections([a, b, c], "two_object", GenEvalThresholds(max_overlap=1 / 3))
+    assert kept["dog"] == [a]  # IoU exactly 1/3 >= 1/3 is suppressed (official: keep only IoU < max_overlap)
 
 
 def test_threshold_is_strict_and_counting_uses_0_9():
@@ -154,6 +207,9 @@ def test_position_rule():
     assert evaluate_geneval([det("circle", cx=20), det("square", cx=80)], rec).correct
     res = evaluate_geneval([det("circle", cx=80), det("square", cx=20)], rec)
     assert not res.correct and res.partial == pytest.approx(0.5)
+    assert res.reason == "expected circle left of target, found right of target"  # the official wording
+    inside = evaluate_geneval([det("circle", cx=47), det("square", cx=50)], rec)  # inside the margin: no relation
+    assert inside.reason == "expected circle left of target, found  target"
     # Just outside / inside the margin (10 px boxes: needs |dx| > 4).
     assert evaluate_geneval([det("circle", cx=45.9), det("square", cx=50)], rec).correct
     assert not evaluate_geneval([det("circle", cx=46.1), det("square", cx=50)], rec).correct

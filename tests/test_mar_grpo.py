@@ -361,3 +361,23 @@ def test_cli_plain_mar_grpo_from_scratch(tmp_path):
                            "logger=csv", "validate_at_start=false"], tmp_path)
     summary = json.loads((rl / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["seconds"] > 0
+
+
+def test_ppo_ratio_leaves_one_after_the_first_update_and_clipping_engages(tmp_path):
+    # three updates on one rollout batch with a large step and a narrow clip band
+    module = make_module(ratio_mode="ppo", num_inner_updates=3, epsilon=0.05, lr=5e-2)
+    fit_steps(module, 1, tmp_path)
+    stats = module.last_update_stats
+    first = [s for s in stats if s.update == 0]
+    later = [s for s in stats if s.update > 0]
+    assert first and later and {s.update for s in later} == {1, 2}
+    # update 0 starts at the old policy: every ratio is 1, nothing clipped
+    for s in first:
+        assert torch.allclose(s.ratios, torch.ones_like(s.ratios), atol=1e-4)
+        assert s.clip_low == 0 and s.clip_high == 0
+    # afterwards the policy has moved: ratios leave 1 and beyond the band [0.95, 1.05] the clip engages
+    assert max(float((s.ratios - 1).abs().max()) for s in later) > 0.05
+    assert any(s.clip_low + s.clip_high > 0 for s in later)
+    for s in later:  # only tokens outside the band can count as clipped
+        outside = float(((s.ratios < 0.95) | (s.ratios > 1.05)).float().mean())
+        assert s.clip_low + s.clip_high <= outside + 1e-6

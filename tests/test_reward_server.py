@@ -242,3 +242,55 @@ def test_fit_with_remote_reward_survives_the_server_being_killed(compose, tmp_pa
     assert [float(r["train/nonfinite_rewards"]) for r in rows] == [0.0, 8.0, 8.0]
     assert math.isfinite(float(rows[0]["train/reward/mean"]))
     assert all(math.isfinite(float(r["train/loss"])) for r in rows)
+
+
+def test_an_external_scorer_speaking_the_protocol_works_with_the_client(tmp_path):
+    """The worked example for scorers that live in their own environment (ImageReward, HPSv3 ...)."""
+    script = REPO_ROOT / "experiments" / "reward_servers" / "external_scorer.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--scorer", "brightness", "--port", "0"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()  # "scorer brightness ready: http://127.0.0.1:PORT"
+        assert "ready" in line, line
+        url = line.split("ready: ")[1].strip()
+        client = RemoteReward(url, retries=0)
+        assert client.health()["reward"] == "brightness"
+        images = torch.randint(0, 256, (3, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        records = [ShapesPromptStream(WORLD, seed=0)[0].prompt.record, "a prompt", None]
+        out = client.score(images, records)
+        assert out.num_failed == 0
+        assert torch.allclose(out.scores, images.double().mean(dim=(1, 2, 3)).float() / 255, atol=1e-6)
+        assert _post(url, b"{bad")[0] == 400 and client.health()["status"] == "ok"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+
+
+def test_official_geneval_and_dpg_records_round_trip_through_json(shared_data):
+    from htgrpo.data.loaders import load_dpg_prompts, load_geneval_metadata
+
+    records = load_geneval_metadata(shared_data / "geneval" / "evaluation_metadata.jsonl")
+    records += load_dpg_prompts(shared_data / "dpg_bench" / "prompts")[:50]
+    wire = json.loads(json.dumps([record_to_json(r) for r in records]))
+    assert [record_from_json(r) for r in wire] == records
+    # the GenEval form is the official metadata line plus "type"
+    first = json.loads((shared_data / "geneval" / "evaluation_metadata.jsonl").read_text().splitlines()[0])
+    assert {k: v for k, v in wire[0].items() if k != "type"} == first
+
+
+def test_a_scorer_exception_on_the_server_becomes_null_scores(server):
+    class Picky(ShapesPromptReward):
+        def score(self, images, records):
+            if any(r is None for r in records):
+                raise RuntimeError("no record")
+            return super().score(images, records)
+
+    server.set_reward(Picky(WORLD))
+    records = [ShapesPromptStream(WORLD, seed=0)[0].prompt.record, None]
+    images = torch.zeros(2, 3, 128, 128, dtype=torch.uint8)
+    code, answer = _post(server.url, json.dumps(build_request(images, records)).encode())
+    assert code == 200 and answer["scores"][1] is None and answer["num_failed"] == 1
+    assert answer["scores"][0] == ShapesPromptReward(WORLD)(images[:1], records[:1]).item()
+    out = RemoteReward(server.url).score(images, records)
+    assert math.isnan(out.scores[1]) and out.num_failed == 1

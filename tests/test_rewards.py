@@ -347,6 +347,8 @@ def test_aesthetic_head_has_the_released_keys_and_scores_by_hand(compose, tiny_c
     ("clip_score", "reward.model", "openai/clip-vit-large-patch14"),
     ("pickscore", "reward.model", "yuvalkirstain/PickScore_v1"),
     ("aesthetic", "reward.clip_model", "openai/clip-vit-large-patch14"),
+    ("imagereward", "reward.checkpoint", "THUDM/ImageReward"),
+    ("hpsv2", "reward.checkpoint", "xswu/HPSv2"),
 ])
 def test_missing_weights_name_the_key_the_repo_and_how_to_download(compose, name, key, repo, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -356,3 +358,123 @@ def test_missing_weights_name_the_key_the_repo_and_how_to_download(compose, name
         instantiate_node(cfg, "reward")
     msg = str(err.value)
     assert msg.startswith(key) and repo in msg and "huggingface-cli download" in msg
+
+
+def test_hpsv2_loads_the_released_checkpoint_layout_through_open_clip(compose, tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    import json
+
+    from PIL import Image as PILImage
+
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "htgrpo-tiny-hps.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "htgrpo-tiny-hps.json")
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("htgrpo-tiny-hps", pretrained=None)
+    model.eval()
+    (tmp_path / "hps").mkdir()
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "hps" / "HPS_v2.1_compressed.pt")  # released layout
+    cfg = compose("fit", ["experiment=shapes_ht", "reward=hpsv2", f"reward.checkpoint={tmp_path / 'hps'}",
+                          "reward.arch=htgrpo-tiny-hps", f"reward.model_config={tmp_path / 'htgrpo-tiny-hps.json'}",
+                          "reward.device=cpu"])
+    reward = instantiate_node(cfg, "reward")
+    images = _images(2, size=48)
+    prompts = ["a photo of a red circle", "two dogs"]
+    with torch.no_grad():  # HPSv2's own recipe: forward, then diag(image_features @ text_features.T)
+        pixels = torch.stack([preprocess(PILImage.fromarray(im.permute(1, 2, 0).numpy())) for im in images])
+        image_features, text_features, _ = model(pixels, open_clip.get_tokenizer("htgrpo-tiny-hps")(prompts))
+        expected = (image_features @ text_features.T).diagonal()
+    assert torch.allclose(reward(images, prompts), expected, atol=1e-5)
+    cfg = compose("fit", ["experiment=shapes_ht", "reward=hpsv2", f"reward.checkpoint={tmp_path}", "reward.device=cpu",
+                          "reward.arch=htgrpo-tiny-hps"])
+    with pytest.raises(ConfigError, match=r"reward\.checkpoint: .*HPS_v2\.1_compressed\.pt"):
+        instantiate_node(cfg, "reward")
+
+
+# ---- ImageReward: the released checkpoint layout, rebuilt on transformers BLIP ----------------------------------
+MED_TEXT_KEYS_LAYER0 = [  # BLIP's med.py BertLayer parameter names (ImageReward.pt: blip.text_encoder.encoder.layer.0.*)
+    f"{block}.{p}" for block in ("attention.self.query", "attention.self.key", "attention.self.value",
+                                 "attention.output.dense", "attention.output.LayerNorm",
+                                 "crossattention.self.query", "crossattention.self.key", "crossattention.self.value",
+                                 "crossattention.output.dense", "crossattention.output.LayerNorm",
+                                 "intermediate.dense", "output.dense", "output.LayerNorm") for p in ("weight", "bias")]
+
+
+def test_imagereward_loads_the_released_layout_and_matches_an_independent_forward(compose, tmp_path):
+    import functools
+    import json
+
+    import timm
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BlipTextModel, PreTrainedTokenizerFast
+
+    from htgrpo.rewards.imagereward import IMAGEREWARD_MEAN, IMAGEREWARD_STD, text_config_from
+    from htgrpo.rewards.preference import AestheticMLP
+
+    torch.manual_seed(0)
+    # BLIP's ViT is timm's VisionTransformer layout (cls_token, pos_embed, patch_embed.proj, blocks.i.*, norm)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=1, num_classes=0, global_pool="", qkv_bias=True,
+        norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    med = {"vocab_size": 24, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "max_position_embeddings": 40, "layer_norm_eps": 1e-12, "hidden_act": "gelu", "pad_token_id": 0,
+           "encoder_width": 64, "add_cross_attention": True}
+    text = BlipTextModel(text_config_from(med, 64), add_pooling_layer=False).eval()
+    assert [k[len("encoder.layer.0."):] for k in text.state_dict() if k.startswith("encoder.layer.0.")] == MED_TEXT_KEYS_LAYER0
+    head = AestheticMLP(32).eval()
+    state = {f"blip.visual_encoder.{k}": v for k, v in vit.state_dict().items()}
+    state.update({f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()})
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(40)[None]  # a buffer med.py saves
+    state["blip.vision_proj.weight"] = torch.zeros(8, 64)                        # unused by the score
+    state.update({f"mlp.{k}": v for k, v in head.state_dict().items()})
+    folder = tmp_path / "ImageReward"
+    folder.mkdir()
+    torch.save(state, folder / "ImageReward.pt")
+    (folder / "med_config.json").write_text(json.dumps(med))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "photo", "of", "red", "circle", "dog", "two", "blue"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]").save_pretrained(tmp_path / "tok")
+
+    cfg = compose("fit", ["experiment=shapes_ht", "reward=imagereward", f"reward.checkpoint={folder}",
+                          f"reward.tokenizer={tmp_path / 'tok'}", "reward.device=cpu"])
+    reward = instantiate_node(cfg, "reward")
+    images = _images(2, size=48)
+    prompts = ["a photo of a red circle", "two blue dog"]
+    got = reward(images, prompts)
+    # independent forward: timm ViT features -> BLIP text encoder cross-attending -> [CLS] -> head, normalised
+    pixels = reward.preprocess(images)
+    assert pixels.shape == (2, 3, 32, 32)
+    with torch.no_grad():
+        image_embeds = vit.forward_features(pixels)
+        assert torch.allclose(reward.model.vision(pixel_values=pixels).last_hidden_state, image_embeds, atol=1e-5)
+        ids = PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok")(prompts, padding="max_length", max_length=35,
+                                                                         return_tensors="pt")
+        hidden = text(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], encoder_hidden_states=image_embeds,
+                      encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long)).last_hidden_state[:, 0]
+        expected = (head(hidden).squeeze(-1) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+    assert torch.allclose(got, expected, atol=1e-5)
+    # the prompt matters (cross-attention path is live)
+    assert not torch.allclose(reward(images, ["a", "a"]), got)
+
+
+def test_auto_device_rewards_follow_the_training_device_and_explicit_ones_stay():
+    moved = []
+
+    class Model(Reward):
+        def score(self, images, records):
+            return RewardOutput(torch.zeros(len(records)))
+
+        def _move(self, device):
+            moved.append((self.device_setting, str(device)))
+
+    auto, pinned = Model(device="auto"), Model(device="cpu")
+    assert auto.device_setting == "auto" and pinned.device_setting == "cpu"
+    mix = MixReward({"a": {"weight": 1.0, "reward": auto}, "b": {"weight": 1.0, "reward": pinned}})
+    mix.follow("cpu")                     # a CPU run: nothing moves
+    assert moved == []
+    mix.follow(torch.device("meta"))      # any accelerator (meta stands in for cuda:N): only `auto` follows
+    assert moved == [("auto", "meta")] and auto.device == torch.device("meta") and pinned.device == torch.device("cpu")

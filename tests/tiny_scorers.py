@@ -105,3 +105,45 @@ def save_tiny_blip_vqa(folder: Path, answer: str | None = None, seed: int = 0) -
     BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
                   tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+VLM_WORDS = ("<pad>", "<unk>", "<s>", "</s>", "<image>", "yes", "no", "Yes", "No", "USER:", "ASSISTANT:", "is",
+             "there", "a", "the", "dog", "cat", "red", "?", "Answer", "with", "or", ".")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def save_tiny_llava(folder: Path, chat_template: bool = True, seed: int = 0) -> Path:
+    """A 1-layer LLaVA (CLIP vision tower + Llama) with a word-level ``tokenizers`` tokenizer and a LLaVA processor
+    (optionally with a chat template): a vision-language model ``AutoModelForImageTextToText`` loads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    torch.manual_seed(seed)
+    vocab = {w: i for i, w in enumerate(VLM_WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=16, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                                pad_token_id=0, bos_token_id=2, eos_token_id=3),
+        image_token_index=vocab["<image>"], vision_feature_select_strategy="default", vision_feature_layer=-1,
+        image_seq_length=4,
+    )
+    model = LlavaForConditionalGeneration(cfg).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                                  crop_size={"height": 16, "width": 16}),
+                               tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                               image_token="<image>", num_additional_image_tokens=1,
+                               chat_template=CHAT_TEMPLATE if chat_template else None)
+    processor.save_pretrained(folder)
+    return folder

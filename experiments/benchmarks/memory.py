@@ -232,7 +232,8 @@ def estimate(setup: Setup, micro_batch: int | None = None) -> MemoryBreakdown:
       fsdp (FULL_SHARD): 4·P/N + two gathered bf16 blocks (current and prefetched), grads 4·P/N, optimiser 8·P/N;
       deepspeed_zero2: bf16 weights 2·P replicated + fp32 master 4·P/N, grads 4·P/N, optimiser 8·P/N;
       deepspeed_zero3: bf16 weights 2·P/N + master 4·P/N + two gathered blocks, grads 4·P/N, optimiser 8·P/N;
-      the reference (beta > 0) is a frozen bf16 copy, replicated (never sharded): 2·P.
+      the reference (beta > 0) is a frozen deep copy of the starting policy in its fp32 weights, replicated on every
+      GPU (never sharded or wrapped): 4·P.
     """
     P = setup.shape.params()
     N = setup.gpus
@@ -255,22 +256,30 @@ def estimate(setup: Setup, micro_batch: int | None = None) -> MemoryBreakdown:
         weights, grads, opt = 2 * P / N + 4 * P / N + gathered, 4 * P / N, 8 * P / N
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
-    reference = 2 * P if setup.beta > 0 else 0.0
+    reference = 4 * P if setup.beta > 0 else 0.0  # a frozen deep copy in the policy's (fp32) weight dtype
     return MemoryBreakdown(weights=weights, reference=reference, adapters=0.0, gradients=grads, optimizer=opt,
                            activations=acts, micro_batch=b)
 
 
-def max_micro_batch(setup: Setup, gpu_bytes: float, limit: int = 64) -> int:
-    """Largest update micro-batch whose estimate fits ``gpu_bytes`` (0 if none)."""
+CUDA_OVERHEAD = 2 * GB
+"""Kept free for the CUDA context, cuBLAS/SDPA workspaces and allocator fragmentation when deciding what fits."""
+
+
+def fits(breakdown: MemoryBreakdown, gpu_bytes: float) -> bool:
+    return breakdown.total + CUDA_OVERHEAD <= gpu_bytes
+
+
+def max_micro_batch(setup: Setup, gpu_bytes: float) -> int:
+    """Largest update micro-batch (at most the rollout batch, prompts · G) that fits ``gpu_bytes`` (0 if none)."""
     best = 0
-    for b in range(1, limit + 1):
-        if estimate(setup, b).total <= gpu_bytes:
+    for b in range(1, setup.prompts_per_step * setup.num_generations + 1):
+        if fits(estimate(setup, b), gpu_bytes):
             best = b
     return best
 
 
 def table(setups: list[Setup], gpu_bytes: float) -> str:
-    """Markdown table of per-GPU GB for each set-up, with and without gradient checkpointing."""
+    """Markdown table of per-GPU GB (1e9 bytes) for each set-up; "fits" keeps 2 GB free (``CUDA_OVERHEAD``)."""
     rows = ["| set-up | GPUs | micro-batch | weights | reference | adapters | grads | optimiser | activations |"
             " total | fits | max micro-batch |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -278,10 +287,10 @@ def table(setups: list[Setup], gpu_bytes: float) -> str:
         m = estimate(st)
         label = (f"{st.name} LoRA r={st.lora_r} {st.precision}" if st.lora else f"{st.name} full FT {st.strategy}"
                  f" {st.precision}") + (" + ckpt" if st.gradient_checkpointing else "")
-        fits = "yes" if m.total <= gpu_bytes else "no"
+        ok = "yes" if fits(m, gpu_bytes) else "no"
         rows.append(f"| {label} | {st.gpus} | {m.micro_batch} | {m.weights / GB:.1f} | {m.reference / GB:.1f} | "
                     f"{m.adapters / GB:.2f} | {m.gradients / GB:.2f} | {m.optimizer / GB:.2f} | "
-                    f"{m.activations / GB:.1f} | {m.total / GB:.1f} | {fits} | {max_micro_batch(st, gpu_bytes)} |")
+                    f"{m.activations / GB:.1f} | {m.total / GB:.1f} | {ok} | {max_micro_batch(st, gpu_bytes)} |")
     return "\n".join(rows)
 
 

@@ -25,6 +25,8 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from htgrpo.config import ConfigError
+
 __all__ = [
     "CREDIT_KINDS",
     "ENTROPY_ORDERS",
@@ -177,10 +179,10 @@ def validate_credit(kind: str, alpha: float, gamma: float) -> tuple[str, float, 
     uniform). Returns ``(kind, float(alpha), float(gamma))``.
 
     Raises:
-        ValueError: naming the offending ``credit.*`` key.
+        ConfigError: (a ``ValueError``) naming the offending ``credit.*`` key.
     """
     if kind not in CREDIT_KINDS:
-        raise ValueError(f"credit.kind must be one of {CREDIT_KINDS}, got {kind!r}")
+        raise ConfigError("credit.kind", f"must be one of {list(CREDIT_KINDS)}, got {kind!r}")
     values = []
     for key, value, ok, bound in (("credit.alpha", alpha, lambda v: v >= 0.0, ">= 0"),
                                   ("credit.gamma", gamma, lambda v: v > 0.0, "> 0")):
@@ -189,7 +191,7 @@ def validate_credit(kind: str, alpha: float, gamma: float) -> tuple[str, float, 
         except (TypeError, ValueError):
             v = math.nan
         if not (math.isfinite(v) and ok(v)):
-            raise ValueError(f"{key} must be a finite number {bound}, got {value!r}")
+            raise ConfigError(key, f"must be a finite number {bound}, got {value!r}")
         values.append(v)
     return kind, values[0], values[1]
 
@@ -280,18 +282,20 @@ class StageSchedule:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the offending ``stages.*`` key."""
+        """Raise :class:`ConfigError` (a ``ValueError``) naming the offending ``stages.*`` key.
+
+        Counts must be true integers: ``1.5`` fails (it is never truncated to 1)."""
         for name in ("n_global", "n_struct", "n_refine"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"stages.{name} must be an integer >= 0, got {v!r}")
+                raise ConfigError(f"stages.{name}", f"must be an integer >= 0, got {v!r}")
         if self.n_global + self.n_struct + self.n_refine < 1:
-            raise ValueError("stages.n_global + stages.n_struct + stages.n_refine must be >= 1, got 0")
+            raise ConfigError("stages", "stages.n_global + stages.n_struct + stages.n_refine must be >= 1, got 0")
         if self.mode not in STAGE_MODES:
-            raise ValueError(f"stages.mode must be one of {STAGE_MODES}, got {self.mode!r}")
+            raise ConfigError("stages.mode", f"must be one of {list(STAGE_MODES)}, got {self.mode!r}")
         s = self.steps_per_stage
         if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 1):
-            raise ValueError(f"stages.steps_per_stage must be None or an integer >= 1, got {s!r}")
+            raise ConfigError("stages.steps_per_stage", f"must be None or an integer >= 1, got {s!r}")
 
     @property
     def num_inner_iterations(self) -> int:

@@ -8,7 +8,8 @@ This base holds everything that is not the algorithm itself:
 
 * the common keys (``num_generations``, ``scale_rewards``, ``beta``, ``epsilon``/``epsilon_high``, ``loss_type``,
   AdamW, warm-up, ``max_grad_norm``, ``seed``), validated at start-up with their names;
-* the frozen reference policy (a copy of the starting policy; none when ``beta = 0``);
+* the frozen reference policy (with LoRA the policy with adapters disabled, else a copy of the starting policy;
+  none when ``beta = 0``); adapter-only checkpoints and fp32 adapters under bf16-true (:mod:`htgrpo.policies.lora`);
 * the rollout counter (a buffer, so it travels with the weights) and the per-step random generators seeded with
   (seed, rank, rollout step, stream), saved in checkpoints so a resumed run repeats an uninterrupted one exactly;
 * the reward call through :func:`htgrpo.rewards.base.safe_score` (a failing scorer gives NaN, counted in
@@ -20,7 +21,6 @@ This base holds everything that is not the algorithm itself:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,6 +32,13 @@ from htgrpo.algorithms.base import PolicyModule
 from htgrpo.algorithms.grpo_math import LOSS_TYPES, SCALE_REWARDS, GroupAdvantages
 from htgrpo.config import require, require_choice, require_range
 from htgrpo.evaluation.benchmark import Benchmark
+from htgrpo.policies.lora import (
+    keep_trainable_fp32,
+    make_reference,
+    restore_frozen_weights,
+    snapshot_trainable,
+    strip_frozen_weights,
+)
 from htgrpo.rewards.base import RewardOutput, reward_log, safe_score
 
 
@@ -104,6 +111,9 @@ class GRPOModule(PolicyModule):
 
     #: key of this module's state in a Lightning checkpoint (kept per module so older checkpoints still load).
     checkpoint_state_key = "grpo"
+    #: submodules that sharding strategies (FSDP, DeepSpeed) leave out of the sharded tree: the frozen reference
+    #: stays a plain replica on each rank (htgrpo.strategies.keep_out_of_strategy).
+    unsharded_modules: tuple[str, ...] = ("reference",)
 
     def __init__(
         self,
@@ -162,14 +172,16 @@ class GRPOModule(PolicyModule):
         self.last_reward_output: RewardOutput | None = None
         self.last_timings: dict[str, float] = {}  # seconds of the last step's phases (rollout, reward, update ...)
 
-    def build_reference(self) -> torch.nn.Module | None:
-        """The frozen reference policy for the KL term: a deep copy of the starting policy, or None if ``beta = 0``.
+    def build_reference(self) -> Any:
+        """The frozen reference policy for the KL term (:func:`htgrpo.policies.lora.make_reference`): None if
+        ``beta = 0``; with LoRA the policy itself seen with its adapters disabled (no copy, not an ``nn.Module``);
+        otherwise a frozen deep copy of the starting policy.
 
         (Left in train mode like the policy: log-prob passes switch modes themselves.)
         """
         if self.beta <= 0 or self.policy is None:
             return None
-        return copy.deepcopy(self.policy).requires_grad_(False)
+        return make_reference(self.policy, self.beta)
 
     # ===================================================================================================
     # Per-step randomness and counters
@@ -213,7 +225,13 @@ class GRPOModule(PolicyModule):
     # ===================================================================================================
     # Optimiser and clip-and-step
     # ===================================================================================================
+    def setup(self, stage: str) -> None:
+        # Before Lightning's precision plugin casts the module (bf16-true): remember the fp32 adapter weights.
+        snapshot_trainable(self)
+
     def configure_optimizers(self) -> Any:
+        # bf16-true: frozen weights stay bf16, the trainable (LoRA) weights go back to fp32 for AdamW.
+        keep_trainable_fp32(self, getattr(self._trainer, "precision", None))
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         warmup = self.warmup_steps
@@ -238,8 +256,10 @@ class GRPOModule(PolicyModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Everything random in a step derives from (seed, rank, rollout_step): saving the counter makes resume exact.
         checkpoint[self.checkpoint_state_key] = {"rollout_step": self.rollout_step, "torch_rng": torch.get_rng_state()}
+        strip_frozen_weights(self, checkpoint)  # LoRA: only the adapters (and buffers) are saved
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_frozen_weights(self, checkpoint)  # LoRA: frozen base weights from this module, so loading stays strict
         state = checkpoint.get(self.checkpoint_state_key, {})
         self.rollout_step = int(state.get("rollout_step", 0))
         if "torch_rng" in state:

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 
 from htgrpo.algorithms.credit import (
+    ENTROPY_ORDERS,
+    PARTITION_KEYS,
     Stage,
     StageSchedule,
     credit_weights,
@@ -40,20 +42,19 @@ from htgrpo.algorithms.credit import (
     structure_mask,
     structure_rank,
     token_advantages,
+    validate_credit,
     validate_fraction,
 )
 from htgrpo.algorithms.estimators import ScoringPass, ScoringPlan, build_estimator, token_log_probs
 from htgrpo.algorithms.grpo_base import GRPOModule, as_dict, token_weighted
 from htgrpo.algorithms.grpo_math import aggregate_loss, clipped_surrogate, group_advantages, k3_kl
-from htgrpo.algorithms.rollout import InnerIteration, Rollout, ScoredRollout, UpdateStats
+from htgrpo.algorithms.rollout import InnerIteration, Rollout, ScoredRollout, UpdateStats, sample_in_micro_batches
 from htgrpo.config import ConfigError, require, require_choice
 from htgrpo.data.datamodules import PromptBatch
 from htgrpo.evaluation.benchmark import Benchmark
 from htgrpo.policies.generators import SamplerSettings
 from htgrpo.policies.t2i_layout import MASKED
 
-PARTITION_KEYS = ("decode_step", "entropy")
-CREDIT_KINDS = ("binary", "soft", "uniform")
 
 
 class HTGRPO(GRPOModule):
@@ -77,6 +78,8 @@ class HTGRPO(GRPOModule):
         lr, weight_decay, betas, warmup_steps: AdamW and its linear warm-up (in optimiser updates).
         max_grad_norm: gradient-norm clip per update (0 disables).
         micro_batch_size: images per forward/backward in the updates (None = the whole rollout batch).
+        rollout_micro_batch_size: images per sampler call in the rollout (None = all B·G at once); bounds the
+            rollout's activation memory (with CFG each call runs 2× that many sequences).
         seed: seed of rollout noise and estimator masks (combined with rank and rollout step).
         val_seed: validation sampling noise.
     """
@@ -106,6 +109,7 @@ class HTGRPO(GRPOModule):
         warmup_steps: int = 0,
         max_grad_norm: float = 1.0,
         micro_batch_size: int | None = None,
+        rollout_micro_batch_size: int | None = None,
         seed: int = 0,
         val_seed: int = 1234,
     ):
@@ -119,6 +123,9 @@ class HTGRPO(GRPOModule):
         require(micro_batch_size is None or int(micro_batch_size) >= 1, "micro_batch_size",
                 f"must be >= 1 or null, got {micro_batch_size}")
         self.micro_batch_size = None if micro_batch_size is None else int(micro_batch_size)
+        require(rollout_micro_batch_size is None or int(rollout_micro_batch_size) >= 1, "rollout_micro_batch_size",
+                f"must be >= 1 or null, got {rollout_micro_batch_size}")
+        self.rollout_micro_batch_size = None if rollout_micro_batch_size is None else int(rollout_micro_batch_size)
 
         est = as_dict(estimator) or {"name": "prompt_conditioned"}
         try:
@@ -128,24 +135,20 @@ class HTGRPO(GRPOModule):
 
         part = {"key": "decode_step", "fraction": 0.25, "entropy_order": "ascending", **as_dict(partition)}
         require_choice(part["key"], PARTITION_KEYS, "partition.key")
-        require_choice(part["entropy_order"], ("ascending", "descending"), "partition.entropy_order")
+        require_choice(part["entropy_order"], ENTROPY_ORDERS, "partition.entropy_order")
         _validate_fraction(part["fraction"], "partition.fraction")
         self.partition = part
 
         cred = {"kind": "binary", "alpha": 1.0, "gamma": 1.0, "normalize": True, **as_dict(credit)}
-        require_choice(cred["kind"], CREDIT_KINDS, "credit.kind")
-        require(float(cred["alpha"]) >= 0, "credit.alpha", f"must be >= 0, got {cred['alpha']}")
-        require(float(cred["gamma"]) > 0, "credit.gamma", f"must be > 0, got {cred['gamma']}")
+        cred["kind"], cred["alpha"], cred["gamma"] = validate_credit(cred["kind"], cred["alpha"], cred["gamma"])
         self.credit = cred
 
         st = {"n_global": 2, "n_struct": 2, "n_refine": 2, "mode": "inner", "scored_fraction": 1.0, **as_dict(stages)}
         _validate_fraction(st["scored_fraction"], "stages.scored_fraction")
         self.scored_fraction = float(st.pop("scored_fraction"))
         try:
-            self.schedule = StageSchedule(**{k: (int(v) if k.startswith("n_") else v) for k, v in st.items()})
-            self.schedule.validate()
-        except ValueError as err:
-            raise ConfigError("stages", str(err)) from None
+            # No int() here: a count of 1.5 must fail with its key (StageSchedule raises ConfigError), not run as 1.
+            self.schedule = StageSchedule(**st)
         except TypeError as err:
             raise ConfigError("stages", f"{err} (keys: n_global, n_struct, n_refine, mode, scored_fraction)") from None
 
@@ -188,7 +191,8 @@ class HTGRPO(GRPOModule):
         self.policy.eval()
         try:
             prompt_tokens = self.policy.encode_prompts([p.prompt for p in prompts])
-            sampled = self.rollout_sampler.sample(self.policy, prompt_tokens, generator=generator)
+            sampled = sample_in_micro_batches(self.rollout_sampler, self.policy, prompt_tokens, generator,
+                                              self.rollout_micro_batch_size)
             images = self.policy.image_tokenizer.decode(sampled.codes.cpu())
         finally:
             self.policy.train(was_training)
@@ -220,8 +224,8 @@ class HTGRPO(GRPOModule):
         generator = self.step_generator(1)
         structure = scored.structure.to(self.policy.device)
         sampled = rollout.sampled.to(self.policy.device)
-        old_cache: dict[int, torch.Tensor] = {}
-        ref_cache: dict[int, torch.Tensor] = {}
+        old_cache: dict[tuple, torch.Tensor] = {}
+        ref_cache: dict[tuple, torch.Tensor] = {}
         iterations = []
         for k in range(K):
             stage = self.schedule.stage_for(k, self.rollout_step)
@@ -235,7 +239,7 @@ class HTGRPO(GRPOModule):
         return iterations
 
     def _plan_log_probs(self, model: torch.nn.Module, rollout: Rollout, plan: ScoringPlan,
-                        cache: dict[int, torch.Tensor]) -> torch.Tensor:
+                        cache: dict[tuple, torch.Tensor]) -> torch.Tensor:
         """(B·G, N) log-probs of the rollout codes under ``model`` for ``plan`` (no grad, eval mode).
 
         Passes with identical inputs (e.g. the fully masked canvas every HT-GRPO iteration uses) are computed once.
@@ -349,10 +353,12 @@ def _slice_pass(p: ScoringPass, sl: slice) -> ScoringPass:
     return ScoringPass(p.canvas[sl], p.scored[sl], None if p.prompt_mask is None else p.prompt_mask[sl])
 
 
-def _pass_key(scoring_pass: Any) -> int:
-    """Cache key of a pass's model inputs (canvas + prompt mask): identical inputs give identical log-probs."""
+def _pass_key(scoring_pass: Any) -> tuple:
+    """Cache key of a pass's model inputs (canvas + prompt mask): identical inputs give identical log-probs.
+
+    The key holds the inputs themselves (shape, dtype and raw bytes), so a dict lookup compares them exactly:
+    two different canvases can never share cached log-probs (a ``hash()`` alone could collide)."""
     canvas = scoring_pass.canvas
-    key = hash((tuple(canvas.shape), canvas.cpu().numpy().tobytes()))
-    if scoring_pass.prompt_mask is not None:
-        key = hash((key, scoring_pass.prompt_mask.cpu().numpy().tobytes()))
-    return key
+    mask = scoring_pass.prompt_mask
+    return (tuple(canvas.shape), str(canvas.dtype), canvas.cpu().numpy().tobytes(),
+            None if mask is None else (tuple(mask.shape), str(mask.dtype), mask.cpu().numpy().tobytes()))

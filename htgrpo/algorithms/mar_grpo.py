@@ -25,7 +25,10 @@ The head is frozen by default (``freeze_head``): gradients reach the AR part thr
 
 Code quirks of the released code (reference §1.9) are switches under ``quirks`` (all off by default: each is an
 apparent bug or an inconsistency): ``harmon_mask_offset``, ``cond_only_logprob``, ``unguided_mte``,
-``reseed_global_rng``, ``dropout_in_loss``.
+``reseed_global_rng``, ``dropout_in_loss``. Smaller differences an independent check found between this code and the
+release are switches whose default IS the release's behaviour: ``mte.score_std`` (extra chains scored with the
+rollout std), ``mte.min_tokens`` (at least one critic token), ``consistency.from_step`` / ``requires_mte`` (test from
+step 2, only with MTE) and ``logprob.clamp`` (the release's variance clamp); see conf/algorithm/mar_grpo.yaml.
 
 Randomness: every random draw of step t (AR steps, rollout noise, MTE noise, diffusion steps) comes from generators
 seeded with (seed, rank, t), so a resumed run repeats an uninterrupted one exactly.
@@ -221,7 +224,8 @@ class MARGRPO(GRPOModule):
     """MAR-GRPO: GRPO for MAR policies with MTE and consistency-aware token selection.
 
     Args:
-        policy: a :class:`~htgrpo.policies.mar.shapes.ShapesMARPolicy` (any policy with ``mar``, ``encode_prompts``,
+        policy: a :class:`~htgrpo.policies.mar.shapes.ShapesMARPolicy` or
+            :class:`~htgrpo.policies.mar.harmon.HarmonPolicy` (any policy with ``mar``, ``encode_prompts``,
             ``decode_tokens``, ``use_sampling_steps``).
         reward: callable ``(images uint8 (B,3,H,W), records) -> float tensor (B,)``.
         benchmark: validation benchmark.

@@ -7,7 +7,7 @@ benchmark's fixed prompt set, served in order, each prompt once (the module draw
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import lightning as L
@@ -19,7 +19,7 @@ from htgrpo.data.prompt_sets import PromptSet, ShapesPromptStream, StreamItem
 from htgrpo.data.records import BenchmarkPrompt
 
 
-@dataclass
+@dataclass(init=False)
 class PromptBatch:
     """A batch of prompts.
 
@@ -29,9 +29,14 @@ class PromptBatch:
         images: ground-truth images (uint8, B×3×H×W) when the source renders them, else None.
     """
 
-    prompts: list[BenchmarkPrompt]
+    # init=False: Lightning's apply_to_collection (e.g. the bf16-true precision plugin's convert_input) then leaves
+    # the field alone instead of rebuilding the frozen BenchmarkPrompt records, which it cannot do.
+    prompts: list[BenchmarkPrompt] = field(init=False)
     indices: torch.Tensor
     images: torch.Tensor | None = None
+
+    def __init__(self, prompts: list[BenchmarkPrompt], indices: torch.Tensor, images: torch.Tensor | None = None):
+        self.prompts, self.indices, self.images = prompts, indices, images
 
     @property
     def texts(self) -> list[str]:
@@ -80,11 +85,18 @@ class ResumableSampler(Sampler[int]):
     The permutation depends only on (seed, epoch), never on how many epochs this process has run, and ``start``
     skips what a resumed run already trained on: together they give exact resume (Lightning does not fast-forward
     a plain DataLoader).
+
+    With ``world_size`` > 1 each rank takes every ``world_size``-th index of the epoch's order from position
+    ``rank`` (the order cut to a multiple of ``world_size``, so every rank runs the same number of batches), and
+    ``start`` counts this rank's examples: resume stays exact under DDP / FSDP / DeepSpeed (the trainer configs set
+    ``use_distributed_sampler: false`` so Lightning does not re-wrap this sampler).
     """
 
-    def __init__(self, length: int, shuffle: bool, seed: int, epoch: int = 0, start: int = 0):
+    def __init__(self, length: int, shuffle: bool, seed: int, epoch: int = 0, start: int = 0, rank: int = 0,
+                 world_size: int = 1):
         self.length, self.shuffle, self.seed = int(length), bool(shuffle), int(seed)
         self.epoch, self.start = int(epoch), int(start)
+        self.rank, self.world_size = int(rank), int(world_size)
 
     def set_epoch(self, epoch: int) -> None:  # called by Lightning at each epoch start
         if int(epoch) != self.epoch:
@@ -97,11 +109,15 @@ class ResumableSampler(Sampler[int]):
             order_list = order.tolist()
         else:
             order_list = range(self.length)
-        for i in range(self.start, self.length):
-            yield int(order_list[i])
+        mine = order_list[self.rank:self._usable_length():self.world_size]
+        for i in range(self.start, len(mine)):
+            yield int(mine[i])
+
+    def _usable_length(self) -> int:
+        return self.length if self.world_size == 1 else self.length // self.world_size * self.world_size
 
     def __len__(self) -> int:
-        return self.length - self.start
+        return self._usable_length() // self.world_size - self.start
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -155,13 +171,27 @@ class PromptDataModule(L.LightningDataModule):
         dataset = self.train_dataset()
         epoch, start = self._resume_position()
         shuffle = not isinstance(self.train_source, ShapesPromptStream)
-        sampler = ResumableSampler(len(dataset), shuffle, self.seed, epoch=epoch, start=start)
+        rank, world_size = self._rank_and_world_size()
+        sampler = ResumableSampler(len(dataset), shuffle, self.seed, epoch=epoch, start=start, rank=rank,
+                                   world_size=world_size)
         return self._loader(dataset, self.batch_size, sampler)
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_prompts is None:
             raise RuntimeError("PromptDataModule has no validation prompts (fit passes the benchmark's)")
-        return self._loader(_PromptSetDataset(self.val_prompts), self.val_batch_size)
+        dataset = _PromptSetDataset(self.val_prompts)
+        rank, world_size = self._rank_and_world_size()
+        if world_size == 1:
+            return self._loader(dataset, self.val_batch_size)
+        # Each rank scores its share of the validation prompts (the metric is synchronised over the ranks).
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        return self._loader(dataset, self.val_batch_size, sampler)
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed}

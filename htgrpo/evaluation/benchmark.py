@@ -7,6 +7,7 @@ The same object drives validation inside ``fit`` (through a torchmetrics metric,
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from htgrpo.config import require
 from htgrpo.data.prompt_sets import PromptSet
 from htgrpo.data.records import BenchmarkPrompt
 from htgrpo.evaluation.metrics import DPGMetric, GenEvalMetric
+
+log = logging.getLogger("htgrpo.evaluation")
 
 
 class ImageGenerator(Protocol):
@@ -47,6 +50,9 @@ class Benchmark:
         self.scorer = scorer
         self.images_per_prompt = int(images_per_prompt)
         self.batch_size = int(batch_size)
+        self._prepared = False
+        if hasattr(scorer, "use_prompt_set"):  # cheap (no model loading): e.g. GenEval's object_names.txt beside
+            scorer.use_prompt_set(prompts)
 
     @property
     def name(self) -> str:
@@ -67,6 +73,7 @@ class Benchmark:
             self.scorer.load()
         if hasattr(self.scorer, "check_prompt_set"):
             self.scorer.check_prompt_set(self.prompts)
+        self._prepared = True
 
     def score(self, prompts: Sequence[BenchmarkPrompt], images: torch.Tensor,
               metric: GenEvalMetric | DPGMetric | None = None) -> list[dict[str, Any]]:
@@ -74,6 +81,8 @@ class Benchmark:
 
         Updates ``metric`` when given and returns one row per image (GenEval's per-image result format).
         """
+        if not self._prepared:  # e.g. the first validation of `fit`, which does not call prepare() itself
+            self.prepare()
         ipp = self.images_per_prompt
         if images.shape[0] != len(prompts) * ipp:
             raise ValueError(f"expected {len(prompts) * ipp} images for {len(prompts)} prompts, got {images.shape[0]}")
@@ -85,8 +94,12 @@ class Benchmark:
                 for i in range(ipp):
                     rows.append({"item_id": p.key, "image_index": i, "prompt": p.prompt,
                                  "score": float(r.crop_scores[i]) if r.crop_scores else float("nan"),
-                                 "prompt_score": float(r.score), "skipped": r.skipped})
-                if metric is not None and not r.skipped:
+                                 "prompt_score": float(r.score), "skipped": r.skipped,
+                                 "answers": ({str(k): v for k, v in r.crop_answers[i].items()}
+                                             if r.crop_answers else {})})
+                if r.skipped:  # what compute_dpg_bench.py reports as "Failed filename"; it counts nowhere
+                    log.warning("DPG prompt %s skipped: %s", p.key, r.skipped)
+                elif metric is not None:
                     metric.update(list(r.crop_scores), [r.category_scores])
             return rows
         results = self.scorer.score(images, [p.record for p in expanded])

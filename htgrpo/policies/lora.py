@@ -33,6 +33,7 @@ import contextlib
 import os
 import copy
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,7 +138,9 @@ def apply_lora(policy: nn.Module, lora: LoRASettings | Mapping[str, Any] | None 
 
     config = LoraConfig(r=int(settings.r), lora_alpha=float(settings.alpha), lora_dropout=float(settings.dropout),
                         target_modules=settings.target_regex(), bias="none")
-    policy.backbone = get_peft_model(backbone, config)
+    with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing (FutureWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        policy.backbone = get_peft_model(backbone, config)
     return policy
 
 

@@ -180,10 +180,10 @@ def read_checkpoint_config(path_or_id: str, key: str, repo: str) -> dict[str, An
         cfg = Path(expanded) / "config.json"
         if not cfg.is_file():
             raise ConfigError(key, f"{name!r} is a folder without config.json, so it is not a checkpoint. "
-                                   + download_hint(repo, key))
+                                   + download_hint(repo, "policy." + key))
         return json.loads(cfg.read_text())
     if not _is_hub_id(name):
-        raise ConfigError(key, f"checkpoint folder {name!r} does not exist. " + download_hint(repo, key))
+        raise ConfigError(key, f"checkpoint folder {name!r} does not exist. " + download_hint(repo, "policy." + key))
     try:
         from huggingface_hub import hf_hub_download
 
@@ -193,7 +193,8 @@ def read_checkpoint_config(path_or_id: str, key: str, repo: str) -> dict[str, An
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         why = ("HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache" if offline
                else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-        raise ConfigError(key, f"cannot load checkpoint {name!r} ({why}). " + download_hint(repo, key)) from None
+        raise ConfigError(key, f"cannot load checkpoint {name!r} ({why}). "
+                               + download_hint(repo, "policy." + key)) from None
     return json.loads(Path(path).read_text())
 
 

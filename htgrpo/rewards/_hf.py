@@ -34,7 +34,7 @@ def load_pretrained(loader: Callable[..., Any], name: str, key: str, what: str, 
         raise ConfigError(
             key,
             f"cannot load {what} {name!r} (not in the local Hugging Face cache, or offline: {type(err).__name__}). "
-            f"Download it once with `huggingface-cli download {name} --local-dir DIR` and pass {key}=DIR, "
-            "or run once with network so it lands in the cache",
+            f"Download it once with `huggingface-cli download {name} --local-dir DIR` and set this key to DIR "
+            "(a local save_pretrained folder), or run once with network so it lands in the cache",
         ) from None
 

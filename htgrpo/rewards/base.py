@@ -109,6 +109,7 @@ class Reward(abc.ABC):
         from htgrpo.config import require_choice
 
         require_choice(str(dtype), DTYPES, "dtype")
+        self.device_setting = "auto" if device in (None, "auto") else str(device)
         self.device = resolve_device(device)
         self.dtype_name = str(dtype)
 
@@ -128,6 +129,15 @@ class Reward(abc.ABC):
         """Move the reward's models to ``device`` (returns self)."""
         self.device = resolve_device(device)
         self._move(self.device)
+        return self
+
+    def follow(self, device: str | torch.device) -> "Reward":
+        """With ``device: auto``, move to the training process's accelerator ``device`` (e.g. ``cuda:3`` on DDP rank 3:
+        the reward is built before Lightning picks each rank's GPU, when ``auto`` can only mean ``cuda:0``).
+        An explicit device setting is kept. Training modules call this in ``on_fit_start``."""
+        target = torch.device(device)
+        if self.device_setting == "auto" and target.type != "cpu" and target != self.device:
+            self.to(target)
         return self
 
     def _move(self, device: torch.device) -> None:

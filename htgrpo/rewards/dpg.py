@@ -46,6 +46,7 @@ class DPGItemResult:
         detailed_scores: L2 category (``"<broad> - <detailed>"``, e.g. ``attribute - color`` or ``global -``)
             -> gated per-question scores.
         crop_scores: per crop, the mean gated question score.
+        crop_answers: per crop, the raw answers (1.0 = "yes") by proposition id.
         skipped: why the official script would drop this prompt ("" = scored); a skipped prompt counts nowhere.
     """
 
@@ -56,6 +57,7 @@ class DPGItemResult:
     category_scores: dict[str, list[float]] = field(default_factory=dict)
     detailed_scores: dict[str, list[float]] = field(default_factory=dict)
     crop_scores: tuple[float, ...] = ()
+    crop_answers: tuple[dict[int, float], ...] = ()
     skipped: str = ""
 
 
@@ -165,11 +167,15 @@ def score_dpg_answers(item: DPGItem, answers: Union[Answers, Sequence[Answers]],
     if not item.propositions:
         raise MetadataError(f"item {item.item_id}: no propositions (is the DPG-Bench CSV loaded?)")
     order = question_order(item, skip_first_row)
+    if not order:  # its only question was row 0: the script has no entry for it and skips the prompt
+        return DPGItemResult(item_id=item.item_id, raw={}, gated={}, score=float("nan"),
+                             skipped="no questions left after skip_first_row (the official script skips this prompt)")
     raw_sum: dict[int, float] = {p.proposition_id: 0.0 for p in order}
     gated_sum: dict[int, float] = dict(raw_sum)
     cats: dict[str, list[float]] = {}
     details: dict[str, list[float]] = {}
     crop_scores = []
+    crop_answers = []
     raw: dict[int, float] = {}
     for crop in crops:
         try:
@@ -188,6 +194,7 @@ def score_dpg_answers(item: DPGItem, answers: Union[Answers, Sequence[Answers]],
                 cats.setdefault(p.category_broad, []).append(gated[pid])
                 details.setdefault(_l2_name(p.category_broad, p.category_detailed), []).append(gated[pid])
         crop_scores.append(sum(gated.values()) / len(gated))
+        crop_answers.append(raw)
     if category_mode == "official":  # the last crop's answers before the dependency rule
         for p in order:
             l1, l2 = official_category(p.tuple)
@@ -202,6 +209,7 @@ def score_dpg_answers(item: DPGItem, answers: Union[Answers, Sequence[Answers]],
         category_scores=cats,
         detailed_scores=details,
         crop_scores=tuple(crop_scores),
+        crop_answers=tuple(crop_answers),
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from htgrpo.config import require
+from htgrpo.config import call_checked, require
 from htgrpo.data.records import DPGItem, MetadataError
 from htgrpo.rewards.base import Reward, RewardOutput, check_images
 from htgrpo.rewards.dpg import (
@@ -77,7 +77,8 @@ class DPGVQAScorer:
         self.skip_first_row = bool(skip_first_row)
 
     def load(self) -> "DPGVQAScorer":
-        self.vqa.load()
+        """Load the VQA model now (a ``ConfigError`` names ``vqa.<key>``)."""
+        call_checked(self.vqa.load, "vqa")
         return self
 
     def _pairs(self, images: torch.Tensor, items: Sequence[DPGItem]) -> tuple[list[Any], list[str], list[tuple[int, int]]]:
@@ -160,6 +161,7 @@ class DPGReward(Reward):
         require(mode in ("hard", "soft"), "mode", f"must be 'hard' or 'soft', got {mode!r}")
         self.mode = mode
         self.scorer = DPGVQAScorer(vqa, category_mode="fixed", skip_first_row=False)
+        self.scorer.load()  # at start-up: missing weights name `reward.vqa.model` instead of becoming NaN rewards
 
     def _move(self, device: torch.device) -> None:
         self.scorer.to(device)

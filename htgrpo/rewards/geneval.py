@@ -20,7 +20,7 @@ import numpy as np
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-from htgrpo.data.records import GENEVAL_RELATIONS, GenEvalRecord, GenEvalRequirement, MetadataError
+from htgrpo.data.records import GENEVAL_COLORS, GENEVAL_RELATIONS, GenEvalRecord, GenEvalRequirement, MetadataError
 from htgrpo.rewards.detection import Detection
 
 
@@ -215,7 +215,11 @@ def evaluate_geneval(
             n_right = sum(1 for d in found if d.color == req.color)
             if n_right < req.count:
                 correct = matched = False
-                reasons.append(f"expected {req.color} {req.cls}>={req.count}, found {n_right} {req.color}")
+                colors = [d.color for d in found]
+                reasons.append(  # the official wording, including the colour histogram
+                    f"expected {req.color} {req.cls}>={req.count}, found {n_right} {req.color}; and "
+                    + ", ".join(f"{colors.count(c)} {c}" for c in GENEVAL_COLORS if c in colors)
+                )
         if req.color is not None:
             score *= (sum(1 for d in found if d.color == req.color) / len(found)) if found else 0.0
         if req.position is not None:
@@ -230,8 +234,9 @@ def evaluate_geneval(
                             true_rels = relative_position(obj, tgt, thresholds.position_margin)
                             if rel not in true_rels:
                                 correct = matched = False
+                                # Official wording; the relations sorted (the official set order varies by run).
                                 reasons.append(
-                                    f"expected {req.cls} {rel} target, found {' and '.join(sorted(true_rels)) or 'no relation'}"
+                                    f"expected {req.cls} {rel} target, found {' and '.join(sorted(true_rels))} target"
                                 )
                                 break
                         if not matched:

@@ -280,7 +280,8 @@ class GenEvalDetectorScorer:
     Args:
         detector: Mask2Former repo id or folder (``detector=``).
         clip: CLIP repo id or folder.
-        class_names: GenEval's ``object_names.txt`` (class index order); null -> the detector's ``id2label``.
+        class_names: GenEval's ``object_names.txt`` (class index order); null -> the ``object_names.txt`` next to
+            the benchmark's metadata file when there is one, else the detector's ``id2label``.
         device, dtype: for both models.
         threshold, counting_threshold, max_objects, max_overlap, position_threshold: the official ``--options``.
         bgcolor, crop: colour-crop options (official ``bgcolor``/``crop``).
@@ -335,6 +336,15 @@ class GenEvalDetectorScorer:
                 part.model.to(device)
                 part.device = device
 
+    def _use_class_names(self, path: Path) -> None:
+        names = read_class_names(path)
+        if self._detector is not None:
+            n = int(self._detector.model.config.num_labels)
+            require(len(names) == n, "class_names", f"{path} lists {len(names)} classes but the detector has {n}")
+            self._detector.class_names = names
+        self._file_class_names = names
+        self._detector_args = (self._detector_args[0], str(path), *self._detector_args[2:])
+
     @property
     def class_names(self) -> list[str]:
         """The class list (``class_names`` file when given, else the detector's ``id2label``; loads the detector)."""
@@ -359,12 +369,25 @@ class GenEvalDetectorScorer:
                             "matching class list (class_names=)"
                         )
 
-    def check_prompt_set(self, prompts: Any) -> None:
-        """``check_records`` over a GenEval prompt set; sources are ``<metadata file>:<line>``."""
+    @staticmethod
+    def _metadata_file(prompts: Any) -> Path | None:
         from htgrpo.data.loaders import _geneval_file
 
         path = getattr(prompts, "path", None)
-        file = str(_geneval_file(path)) if path is not None else str(getattr(prompts, "name", "prompts"))
+        return None if path is None else _geneval_file(path)
+
+    def use_prompt_set(self, prompts: Any) -> None:
+        """Without ``class_names``: use GenEval's ``object_names.txt`` next to the prompt set's metadata file when
+        there is one (GenEval's ``prompts/`` folder holds both); else the detector's ``id2label`` stays. Cheap."""
+        file = self._metadata_file(prompts)
+        if self._file_class_names is None and file is not None and (file.parent / "object_names.txt").is_file():
+            self._use_class_names(file.parent / "object_names.txt")
+
+    def check_prompt_set(self, prompts: Any) -> None:
+        """``check_records`` over a GenEval prompt set; sources are ``<metadata file>:<line>``."""
+        self.use_prompt_set(prompts)
+        meta = self._metadata_file(prompts)
+        file = str(meta) if meta is not None else str(getattr(prompts, "name", "prompts"))
         self.check_records((f"{file}:{int(p.key) + 1}" if str(p.key).isdigit() else f"{file}:{p.key}", p.record)
                            for p in prompts.prompts if isinstance(p.record, GenEvalRecord))
 
@@ -415,7 +438,7 @@ class GenEvalReward(Reward):
 
     ``mode``: ``binary`` (1.0 iff the image is GenEval-correct) or ``partial`` (share of requirements met, see
     ``evaluate_geneval``). Components: ``geneval/correct`` and ``geneval/partial`` whatever the mode. Other
-    arguments are :class:`GenEvalDetectorScorer`'s (models load on the first batch).
+    arguments are :class:`GenEvalDetectorScorer`'s; the models load when the reward is built.
     """
 
     name = "geneval"
@@ -426,6 +449,9 @@ class GenEvalReward(Reward):
         require(mode in ("binary", "partial"), "mode", f"must be 'binary' or 'partial', got {mode!r}")
         self.mode = mode
         self.scorer = GenEvalDetectorScorer(device=str(self.device), dtype=dtype, **scorer_kwargs)
+        # A reward scores every training step: load now, so missing weights stop the run at start-up naming
+        # `reward.detector` / `reward.clip` (inside a step, safe_score would turn the error into NaN rewards).
+        self.scorer.load()
 
     def _move(self, device: torch.device) -> None:
         self.scorer.to(device)

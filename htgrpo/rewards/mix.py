@@ -78,6 +78,13 @@ class MixReward(Reward):
         total[failed] = math.nan
         return RewardOutput(total, components, num_failed=int(failed.sum()))
 
+    def follow(self, device: str | torch.device) -> "MixReward":
+        """Each part follows ``device`` by its own setting (see :meth:`Reward.follow`)."""
+        for part in self.parts.values():
+            if isinstance(part, Reward):
+                part.follow(device)
+        return self
+
     def _move(self, device: torch.device) -> None:
         for part in self.parts.values():
             if isinstance(part, Reward):

@@ -43,7 +43,7 @@ AESTHETIC_FILE = "aesthetic-model.pth"
 
 def _how_to_get(repo: str, key: str) -> str:
     return (f"download it once with `huggingface-cli download {repo}` (needs network; then it is found in the HF cache, "
-            f"also with HF_HUB_OFFLINE=1), or set {key}=/path/to/a/local/folder")
+            f"also with HF_HUB_OFFLINE=1), or set {key} to a local folder")
 
 
 def _features(out: Any) -> Tensor:
@@ -223,3 +223,69 @@ class AestheticReward(Reward):
     def score(self, images: Any, records: Sequence[Any]) -> RewardOutput:
         emb = self.clip.image_embeds(check_images(images))
         return RewardOutput(self.head(emb.to(self.device)).squeeze(-1).float().cpu())
+
+
+HPS_REPO = "xswu/HPSv2"
+HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
+
+
+class HPSv2Reward(Reward):
+    """``hpsv2``: Human Preference Score v2 (Wu et al. 2023) through open_clip (optional extra ``htgrpo[rewards]``)::
+
+        hpsv2(x, c) = <E_img(x), E_txt(c)> / (||E_img(x)|| ||E_txt(c)||)     (no logit scale; v2.1 ~0.2..0.35)
+
+    The model is open_clip's ``ViT-H-14`` with the HPS checkpoint's ``state_dict`` loaded over it (the released
+    ``HPS_v2*_compressed.pt`` of ``xswu/HPSv2``), the eval transform of that architecture, and its tokenizer.
+
+    Args:
+        version: ``v2.1`` (default) or ``v2.0``: picks the checkpoint file.
+        checkpoint: hub repo id, a folder holding the checkpoint file, or the ``.pt`` file itself.
+        arch: open_clip architecture name (``ViT-H-14``).
+        model_config: optional JSON file of an open_clip model config to register first (custom architectures).
+        device, dtype: see :class:`~htgrpo.rewards.base.Reward`.
+    """
+
+    name = "hpsv2"
+
+    def __init__(self, version: str = "v2.1", checkpoint: str = HPS_REPO, arch: str = "ViT-H-14",
+                 model_config: str | None = None, device: str = "auto", dtype: str = "float32") -> None:
+        super().__init__(device, dtype)
+        from htgrpo.config import require_choice
+
+        require_choice(version, HPS_FILES, "version")
+        try:
+            import open_clip
+        except ImportError:
+            raise ConfigError("_target_", "hpsv2 needs open_clip: pip install 'htgrpo[rewards]' "
+                                          "(or open_clip_torch), or serve it with htgrpo.serve elsewhere") from None
+        if model_config:
+            path = Path(str(model_config)).expanduser()
+            require(path.is_file(), "model_config", f"{path} is not a file")
+            open_clip.add_model_config(path)
+        ckpt = _resolve_file(str(checkpoint), HPS_FILES[version], "checkpoint")  # first: fail before building ViT-H
+        try:
+            model, _, self.preprocess = open_clip.create_model_and_transforms(str(arch), pretrained=None)
+            self.tokenizer = open_clip.get_tokenizer(str(arch))
+        except RuntimeError as err:
+            raise ConfigError("arch", f"open_clip cannot build {arch!r}: {err}") from None
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ConfigError("checkpoint", f"{ckpt} does not fit open_clip {arch}: {str(err)[:500]}") from None
+        self.model = freeze(model.to(self.device, self.dtype))
+
+    def _move(self, device: torch.device) -> None:
+        self.model.to(device)
+
+    @torch.no_grad()
+    def score(self, images: Any, records: Sequence[Any]) -> RewardOutput:
+        from PIL import Image
+
+        batch = check_images(images)
+        pixels = torch.stack([self.preprocess(Image.fromarray(im.permute(1, 2, 0).numpy())) for im in batch])
+        text = self.tokenizer([record_prompt(r) for r in records])
+        img = self.model.encode_image(pixels.to(self.device, self.dtype), normalize=True).float()
+        txt = self.model.encode_text(text.to(self.device), normalize=True).float()
+        return RewardOutput((img * txt).sum(-1).cpu())

@@ -232,7 +232,9 @@ class YesNoLogitVQA(VQABackend):
         net = load_pretrained(AutoModelForImageTextToText.from_pretrained, self.model_name, self.config_key, what)
         self.model = freeze(net).to(self.device, self.dtype)
         tok = self.processor.tokenizer
-        tok.padding_side = "left"  # the last position is the next-token position for every row
+        # Right padding: real tokens keep their positions (no position-id shift, whatever the model's rope
+        # scheme), and a causal model's real tokens never attend to the pads after them.
+        tok.padding_side = "right"
         self.yes_ids = _single_token_ids(tok, self.yes_words)
         self.no_ids = _single_token_ids(tok, self.no_words)
         if not self.yes_ids or not self.no_ids:
@@ -251,8 +253,14 @@ class YesNoLogitVQA(VQABackend):
         enc = self.processor(images=images, text=texts, padding=True, return_tensors="pt").to(self.device)
         if "pixel_values" in enc:
             enc["pixel_values"] = enc["pixel_values"].to(self.dtype)
-        logits = self.model(**enc).logits[:, -1].float()
-        return yes_no_probability(logits, self.yes_ids, self.no_ids)
+        logits = self.model(**enc).logits.float()
+        mask = enc.get("attention_mask")
+        if mask is None:
+            last = logits[:, -1]
+        else:  # the next-token logits sit at each row's last real token
+            last_index = mask.long().sum(1) - 1
+            last = logits[torch.arange(logits.shape[0], device=logits.device), last_index.to(logits.device)]
+        return yes_no_probability(last, self.yes_ids, self.no_ids)
 
     def _answer_batch(self, images: list[Any], questions: list[str]) -> list[str]:
         return ["yes" if p > 0.5 else "no" for p in self._yes_probability_batch(images, questions).tolist()]
@@ -261,10 +269,12 @@ class YesNoLogitVQA(VQABackend):
 class MPLUGVQA(VQABackend):
     """The official DPG-Bench VQA model: ModelScope's mPLUG-large (``damo/mplug_visual-question-answering_coco_large_en``).
 
-    Needs the ``modelscope`` package and its mPLUG dependencies (``pip install 'htgrpo[dpg-mplug]'``), which pin
-    older transformers releases than this project's ``transformers>=5``; if the import fails, run the official
-    scorer in its own environment, or behind the reward server (``reward=remote``). One question at a time, as the
-    official ``MPLUG.vqa``.
+    Needs ``modelscope`` with its multi-modal dependencies (``pip install "modelscope[multi-modal]"``). That is not
+    an extra of this project: checked on 2026-11-30, ``modelscope[multi-modal]`` does not install cleanly next to
+    our pins (it pins ``fairseq-fixed==0.12.3.1``, built from source; the build did not finish in 4 minutes).
+    Run the official scorer in its own environment, or behind the reward server (``reward=remote``); where
+    ``modelscope`` does import, this backend runs it in-process. One question at a time, as the official
+    ``MPLUG.vqa``.
     """
 
     name = "mplug"
@@ -279,8 +289,8 @@ class MPLUGVQA(VQABackend):
             from modelscope.utils.constant import Tasks
         except Exception as err:  # noqa: BLE001 - any import failure means the optional stack is missing
             raise ConfigError(self.config_key, f"the mPLUG backend needs ModelScope ({type(err).__name__}: {err}); "
-                              "install the optional extra `pip install 'htgrpo[dpg-mplug]'` in a separate "
-                              "environment, or use vqa=blip / a yes/no-logit VLM") from None
+                              "install `modelscope[multi-modal]` (best in a separate environment, served through "
+                              "`htgrpo.serve`), or use htgrpo.rewards.vqa.BlipVQA / YesNoLogitVQA") from None
         device = "gpu" if self.device.type == "cuda" else "cpu"
         self.pipeline = pipeline(Tasks.visual_question_answering, model=self.model_name, device=device)
         self.model = getattr(self.pipeline, "model", None)

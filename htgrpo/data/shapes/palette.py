@@ -65,6 +65,10 @@ class ShapesWorldConfig:
         large_size: sides >= this count as "large" in dense prompts.
         detector_cell_noise: the detector's cell-flip probability ``p`` (``detector.shape_posterior``): its
             confidence that a blob is a shape. Larger = more tolerant of stray cells, in (0, 0.5).
+        position_step: objects sit on a lattice: the top-left row and column of every object is
+            ``position_offset + k * position_step`` (k = 0, 1, ...). 1 = anywhere. A coarser lattice leaves a
+            generator fewer places to choose from (only where objects are, not how they are scored).
+        position_offset: first lattice row/column, in ``[0, position_step)``.
     """
 
     grid_size: int = 16
@@ -75,6 +79,8 @@ class ShapesWorldConfig:
     small_size: int = 5
     large_size: int = 7
     detector_cell_noise: float = 0.1
+    position_step: int = 1
+    position_offset: int = 0
 
     def __post_init__(self) -> None:
         # Hydra hands lists over as ListConfig; keep the dataclass hashable and immutable.
@@ -93,8 +99,18 @@ class ShapesWorldConfig:
                 f"circle and diamond coincide), got {self.min_object_size}, {self.max_object_size} "
                 f"(grid_size={self.grid_size})"
             )
+        if int(self.position_step) != self.position_step or self.position_step < 1:
+            raise ValueError(f"position_step must be an integer >= 1, got {self.position_step}")
+        if int(self.position_offset) != self.position_offset or not 0 <= self.position_offset < self.position_step:
+            raise ValueError(f"position_offset must be an integer in [0, position_step), got {self.position_offset}")
+        if self.position_offset + self.max_object_size > self.grid_size:
+            raise ValueError(f"position_offset {self.position_offset} leaves no room for a {self.max_object_size}-cell object")
         if not 0.0 < float(self.detector_cell_noise) < 0.5:
             raise ValueError(f"detector_cell_noise must be in (0, 0.5), got {self.detector_cell_noise}")
+
+    def positions(self, size: int) -> tuple[int, ...]:
+        """Lattice rows (= columns) where an object of side ``size`` may have its top-left cell."""
+        return tuple(range(self.position_offset, self.grid_size - size + 1, self.position_step))
 
     @property
     def num_cells(self) -> int:

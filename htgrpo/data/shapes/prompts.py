@@ -236,17 +236,29 @@ def _be(group: dict) -> str:
     return "are" if group["count"] > 1 else "is"
 
 
+def objects_per_side(world: ShapesWorldConfig) -> int:
+    """How many smallest objects fit side by side along one axis, one empty cell apart, on the world's position
+    lattice (greedy from the first lattice position; 2 on a 12x12 grid with 4-cell objects)."""
+    size = world.min_object_size
+    count, free_from = 0, 0
+    for pos in world.positions(size):
+        if pos >= free_from:
+            count += 1
+            free_from = pos + size + 1
+    return count
+
+
 def dpg_max_objects(world: ShapesWorldConfig) -> int:
     """Objects a dense prompt may hold in ``world``: as many smallest objects as fit on a regular grid with
-    one-cell gaps (4 on the default 16x16 grid), capped at ``DPG_MAX_OBJECTS``."""
-    per_side = (world.grid_size + 1) // (world.min_object_size + 1)
+    one-cell gaps (4 on a 12x12 grid), capped at ``DPG_MAX_OBJECTS``."""
+    per_side = objects_per_side(world)
     return max(2, min(DPG_MAX_OBJECTS, per_side * per_side))
 
 
 def dpg_max_group_count(world: ShapesWorldConfig) -> int:
     """Largest count of one entity group (at most 3): a group must fit on one side of another group, i.e.
-    in all but one row (or column) of a regular grid of smallest objects -> 2 on the default 16x16 grid."""
-    per_side = (world.grid_size + 1) // (world.min_object_size + 1)
+    in all but one row (or column) of a regular grid of smallest objects -> 2 on a 12x12 grid."""
+    per_side = objects_per_side(world)
     return max(1, min(3, per_side * (per_side - 1)))
 
 

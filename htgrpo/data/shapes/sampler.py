@@ -97,12 +97,14 @@ def relations_between(a: ShapeObject, b: ShapeObject, margin: float = POSITION_M
 
 
 @lru_cache(maxsize=64)
-def _candidates(grid: int, sizes: tuple[int, ...]) -> np.ndarray:
-    """All ``(size, row, col)`` placements of the given sides on a ``grid x grid`` board (float, read-only)."""
+def _candidates(grid: int, sizes: tuple[int, ...], step: int = 1, offset: int = 0) -> np.ndarray:
+    """All ``(size, row, col)`` placements of the given sides on a ``grid x grid`` board whose top-left row and
+    column lie on the lattice ``offset + k * step`` (float, read-only)."""
     rows = []
     for s in sizes:
         if 1 <= s <= grid:
-            rr, cc = np.meshgrid(np.arange(grid - s + 1), np.arange(grid - s + 1), indexing="ij")
+            where = np.arange(offset, grid - s + 1, step)
+            rr, cc = np.meshgrid(where, where, indexing="ij")
             rows.append(np.stack([np.full(rr.size, s), rr.ravel(), cc.ravel()], axis=1))
     out = np.concatenate(rows).astype(np.float64) if rows else np.zeros((0, 3))
     out.setflags(write=False)
@@ -139,7 +141,7 @@ def place_objects(
             raise MetadataError(f"unknown relation {rel.relation!r}; expected one of {GENEVAL_RELATIONS}")
     cands: list[np.ndarray] = []
     for spec in specs:
-        c = _candidates(g, tuple(spec.sizes))
+        c = _candidates(g, tuple(spec.sizes), world.position_step, world.position_offset)
         if len(c) == 0:
             raise PlacementError(f"no allowed size for {spec} in a {g}x{g} grid")
         cands.append(c)

@@ -7,6 +7,9 @@
 - :mod:`~htgrpo.policies.mar.head`: the adaLN MLP denoiser and :class:`DiffusionHead` (sampling chains, re-scoring).
 - :mod:`~htgrpo.policies.mar.sampling`: the MAR sampling loop with rollout logging (:func:`sample_mar`).
 - :mod:`~htgrpo.policies.mar.checkpoints`: LTH14 and Harmon checkpoint loading.
+- :mod:`~htgrpo.policies.mar.vae`: MAR's KL-16 VAE (released parameter names, scale 0.2325).
+- :mod:`~htgrpo.policies.mar.harmon`: the Harmon policy (MAR + Qwen2 LLM over the prompt's KV cache + KL-16 VAE);
+  :mod:`~htgrpo.policies.mar.harmon_tiny` writes a tiny random Harmon checkpoint in the released layout.
 """
 
 from htgrpo.policies.mar.backbone import (

@@ -335,14 +335,15 @@ def load_lth14_checkpoint(path: str | Path, config: MARConfig | None = None, use
 
 
 def load_harmon_mar(path: str | Path, config: MARConfig | None = None, prefixes: Iterable[str] = HARMON_PREFIXES,
-                    interpolation: str = "bicubic", map_location: Any = "cpu", trust_checkpoint: bool = False,
+                    interpolation: str = "bilinear", map_location: Any = "cpu", trust_checkpoint: bool = False,
                     hints: Mapping[str, Any] | None = None) -> MAR:
     """A MAR from the ``mar.*`` keys of a Harmon checkpoint (everything else is ignored).
 
     Harmon-1.5B's MAR is ``mar_huge`` with DiffLoss (12, 1536) and a 64-token buffer filled with ``fake_latent``;
     its ``class_emb`` is unused and dropped when ``config`` has no class conditioner. Harmon generates at 512 px
-    (32×32 tokens): pass ``config`` with ``seq_h=seq_w=32`` (Harmon interpolates bilinearly:
-    ``interpolation="bilinear"``).
+    (32×32 tokens): pass ``config`` with ``seq_h=seq_w=32``; the position embeddings are interpolated bilinearly by
+    default, as Harmon does (``interpolation="bicubic"`` for the LTH14 loader's choice). The full Harmon policy
+    (:mod:`htgrpo.policies.mar.harmon`) keeps the 16×16 weights and interpolates on the fly instead.
     """
     state = read_harmon_mar_state_dict(path, prefixes, map_location, trust_checkpoint)
     if config is not None and config.conditioning != "class":

@@ -71,9 +71,9 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 def download_hint(key: str = "policy.pretrained") -> str:
     key = key if key.startswith("policy.") else f"policy.{key}"
     return (f"Download Harmon on a machine with network access: `huggingface-cli download {HARMON_REPO_ID} "
-            f"--local-dir <dir>` (about 7 GB: config.json, model.safetensors with vae./llm./mar./proj_* weights, "
-            f"the Qwen2.5 tokenizer) and set {key}=<dir>; or pass the hub id with the files already in the local "
-            f"Hugging Face cache (offline runs never download).")
+            f"--local-dir <dir>` (config.json, model.safetensors with vae./llm./mar./proj_* weights of 2.56 B "
+            f"parameters, the Qwen2.5 tokenizer) and set {key}=<dir>; or pass the hub id: it is read from the local "
+            f"Hugging Face cache, and downloaded there unless HF_HUB_OFFLINE=1.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -400,19 +400,25 @@ def _preset_name(config) -> str:
 
 
 def resolve_harmon_dir(pretrained: str, key: str = "policy.pretrained") -> Path:
-    """A local folder, or a hub id found in the local Hugging Face cache (never downloads)."""
+    """A local folder, or a hub id: from the local Hugging Face cache, else downloaded (not with HF_HUB_OFFLINE=1)."""
     require(pretrained not in (None, ""), key, f"must name a Harmon folder or hub id. {download_hint(key)}")
     path = Path(str(pretrained)).expanduser()
     if path.is_dir():
         return path
     if path.exists() or str(pretrained).startswith((".", "/", "~")) or str(pretrained).count("/") != 1:
         raise ConfigError(key, f"{pretrained} is not a folder. {download_hint(key)}")
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
+    try:
         return Path(snapshot_download(str(pretrained), local_files_only=True))
     except Exception as err:  # noqa: BLE001 - any hub/cache failure is the same user problem
-        raise ConfigError(key, f"{pretrained} is not in the local Hugging Face cache ({type(err).__name__}). "
+        if constants.HF_HUB_OFFLINE:
+            raise ConfigError(key, f"{pretrained} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
+                                   f"({type(err).__name__}). {download_hint(key)}") from None
+    try:
+        return Path(snapshot_download(str(pretrained)))
+    except Exception as err:  # noqa: BLE001
+        raise ConfigError(key, f"{pretrained} could not be downloaded ({type(err).__name__}: {err}). "
                                f"{download_hint(key)}") from None
 
 
@@ -523,11 +529,17 @@ def load_harmon(pretrained: str, image_size: int = 512, pos_embed_interpolation:
     if gradient_checkpointing:
         mar.config.grad_checkpointing = True
     llm = Qwen2ForCausalLM(Qwen2Config.from_dict(cfg["llm"]))
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()   # AutoTokenizer reads config.json too and warns that `harmon` is no known type
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except Exception as err:  # noqa: BLE001
         raise ConfigError(key, f"{directory}: the tokenizer files do not load with AutoTokenizer ({err}). "
                                f"{download_hint(key)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     policy = HarmonPolicy(llm, mar, vae, tokenizer, image_size=image_size,
                           pos_embed_interpolation=pos_embed_interpolation, source=source)
     load_vae_state_dict(policy.vae, _strip(state, "vae."), source, key)

@@ -1,0 +1,264 @@
+"""GenEval with a real detector pipeline: tiny random Mask2Former + CLIP saved in their release formats and loaded
+back through the user path; the official results.jsonl read back by a re-implementation of summary_scores.py."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from htgrpo.config import ConfigError, instantiate_node
+from htgrpo.data.loaders import load_geneval_metadata
+from htgrpo.data.records import GENEVAL_COLORS, GenEvalRecord, GenEvalRequirement, MetadataError
+from htgrpo.rewards.geneval_real import (
+    GENEVAL_COLOR_TEMPLATES,
+    GenEvalDetectorScorer,
+    GenEvalReward,
+    instance_postprocess,
+    mask_to_box,
+)
+from tiny_scorers import save_tiny_clip, save_tiny_mask2former
+
+SHAPES = {0: "circle", 1: "square", 2: "triangle"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny detectors (COCO's 80 GenEval class names, every query a "dog"; ShapesWorld classes, every query a
+    "circle") and a tiny CLIP."""
+    from conftest import shared_data_dir
+
+    root = tmp_path_factory.mktemp("scorers")
+    names_file = shared_data_dir() / "geneval" / "object_names.txt"
+    if not names_file.exists():
+        pytest.skip(f"official benchmark files not found at {shared_data_dir()}")
+    names = names_file.read_text().splitlines()
+    return {
+        "coco_dog": save_tiny_mask2former(root / "m2f_coco", dict(enumerate(names)), favour="dog"),
+        "shapes_circle": save_tiny_mask2former(root / "m2f_shapes", SHAPES, favour="circle"),
+        "clip": save_tiny_clip(root / "clip"),
+        "names": names_file,
+    }
+
+
+def rec(tag: str, prompt: str, *include: GenEvalRequirement, exclude: tuple = ()) -> GenEvalRecord:
+    return GenEvalRecord(tag, prompt, tuple(include), tuple(exclude))
+
+
+DOG = rec("single_object", "a photo of a dog", GenEvalRequirement("dog", 1))
+CAT = rec("single_object", "a photo of a cat", GenEvalRequirement("cat", 1))
+RED_DOG = rec("colors", "a photo of a red dog", GenEvalRequirement("dog", 1, color="red"))
+DOG_AND_CAT = rec("two_object", "a photo of a dog and a cat", GenEvalRequirement("dog", 1), GenEvalRequirement("cat", 1))
+
+
+# ---- pure pieces, hand-computed -----------------------------------------------------------------------------
+def test_mask_to_box_is_mmdets_mask2bbox():
+    mask = np.zeros((6, 5), dtype=bool)
+    mask[2:5, 1:4] = True  # rows 2..4, columns 1..3
+    assert mask_to_box(mask) == (1.0, 2.0, 4.0, 5.0)
+    assert mask_to_box(np.zeros((3, 3), dtype=bool)) == (0.0, 0.0, 0.0, 0.0)
+
+
+def test_instance_postprocess_scores_are_class_prob_times_mask_score():
+    # 2 queries, 2 classes (+ no-object). Query 0: softmax([ln 6, ln 3, ln 1]) = (0.6, 0.3, 0.1); query 1: (0.2, 0.2, 0.6).
+    class_logits = torch.log(torch.tensor([[6.0, 3.0, 1.0], [2.0, 2.0, 6.0]]))
+    # Query 0's mask: logits +ln 3 on 2 pixels (sigmoid 0.75), -1 elsewhere -> mask score 0.75.
+    # Query 1's mask: logit +ln 9 on 1 pixel (sigmoid 0.9) -> mask score 0.9.
+    mask_logits = torch.full((2, 2, 2), -1.0)
+    mask_logits[0, 0, :] = math.log(3.0)
+    mask_logits[1, 1, 1] = math.log(9.0)
+    labels, scores, masks = instance_postprocess(class_logits, mask_logits, max_per_image=3)
+    # top-3 class probabilities: (q0, c0) 0.6, (q0, c1) 0.3, then a 0.2 of query 1
+    assert labels[:2].tolist() == [0, 1]
+    assert scores[:2].tolist() == pytest.approx([0.6 * 0.75, 0.3 * 0.75], rel=1e-5)
+    assert float(scores[2]) == pytest.approx(0.2 * 0.9, rel=1e-5)
+    assert masks[0].tolist() == [[True, True], [False, False]] and scores.dtype == torch.float32
+
+
+# ---- the pipeline on tiny random models -----------------------------------------------------------------------
+def test_tiny_pipeline_detects_the_favoured_class_and_classifies_colours(models):
+    scorer = GenEvalDetectorScorer(detector=str(models["coco_dog"]), clip=str(models["clip"]),
+                                   class_names=str(models["names"]), device="cpu")
+    images = torch.randint(0, 256, (4, 3, 40, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    results = scorer.score(images, [DOG, CAT, RED_DOG, DOG_AND_CAT])
+    assert results[0].correct and results[0].partial == 1.0 and results[0].reason == ""
+    assert not results[1].correct and results[1].reason == "expected cat>=1, found 0"
+    assert not results[3].correct and results[3].partial == 0.5
+    # details: GenEval's [x1, y1, x2, y2, score] per kept detection, only dogs, best first, all above 0.3
+    dogs = results[0].details["dog"]
+    assert set(results[0].details) == {"dog"} and 1 <= len(dogs) <= 16
+    assert all(len(d) == 5 and d[4] > 0.3 and 0 <= d[0] <= d[2] <= 56 and 0 <= d[1] <= d[3] <= 40 for d in dogs)
+    assert [d[4] for d in dogs] == sorted((d[4] for d in dogs), reverse=True)
+    # colour: the official recipe recomputed by hand with the CLIP model (masked crop on #999, 3 templates)
+    (color,) = results[2].colors["dog"]
+    assert color in GENEVAL_COLORS
+    assert results[2].correct == (color == "red")
+    found = scorer.detector.detect(images[2:3])[0]
+    best = int(np.argmax(found.scores))
+    assert color == _official_colour(scorer, images[2], found.boxes[best], found.masks[best], "dog")
+
+
+def _official_colour(scorer, image, box, mask, classname) -> str:
+    from PIL import Image
+
+    clip, proc = scorer.colors.model, scorer.colors.processor
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    composite = np.where(mask[..., None], np.asarray(pil), np.array([153, 153, 153], dtype=np.uint8))
+    crop = Image.fromarray(composite.astype(np.uint8)).crop(tuple(int(round(v)) for v in box))
+    with torch.no_grad():
+        img = clip.get_image_features(pixel_values=proc.image_processor(images=[crop], return_tensors="pt")["pixel_values"])
+        img = torch.nn.functional.normalize(img.pooler_output if hasattr(img, "pooler_output") else img, dim=-1)
+        weights = []
+        for c in GENEVAL_COLORS:
+            tok = proc.tokenizer([t.format(c=c, cls=classname) for t in GENEVAL_COLOR_TEMPLATES], padding=True,
+                                 return_tensors="pt")
+            txt = clip.get_text_features(**tok)
+            txt = torch.nn.functional.normalize(txt.pooler_output if hasattr(txt, "pooler_output") else txt, dim=-1)
+            mean = txt.mean(0)
+            weights.append(mean / mean.norm())
+        logits = img @ torch.stack(weights, dim=1)
+    return GENEVAL_COLORS[int(logits.argmax())]
+
+
+def test_max_overlap_option_runs_nms_on_the_detector_output(models):
+    kwargs = dict(detector=str(models["coco_dog"]), clip=str(models["clip"]), class_names=str(models["names"]), device="cpu")
+    images = torch.randint(0, 256, (1, 3, 40, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    all_dogs = GenEvalDetectorScorer(**kwargs).score(images, [DOG])[0].details["dog"]
+    nms_dogs = GenEvalDetectorScorer(max_overlap=0.0, **kwargs).score(images, [DOG])[0].details["dog"]
+    # max_overlap=0 drops every box whose IoU with a kept one is >= 0, i.e. all but the best one.
+    assert len(all_dogs) > 1 and nms_dogs == all_dogs[:1]
+
+
+def test_reward_binary_and_partial_with_components(models):
+    reward = GenEvalReward(mode="partial", detector=str(models["coco_dog"]), clip=str(models["clip"]),
+                           class_names=str(models["names"]), device="cpu")
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    out = reward.score(images, [DOG, CAT, DOG_AND_CAT])
+    assert out.scores.tolist() == [1.0, 0.0, 0.5]
+    assert out.components["geneval/correct"].tolist() == [1.0, 0.0, 0.0]
+    assert reward.mode == "partial" and not isinstance(reward, torch.nn.Module)
+    assert all(not p.requires_grad for p in reward.scorer.detector.model.parameters())
+    assert not reward.scorer.colors.model.training
+
+
+# ---- start-up errors ----------------------------------------------------------------------------------------
+def test_metadata_line_with_a_class_the_detector_lacks_fails_with_file_and_line(models, tmp_path):
+    lines = [DOG.to_json(), CAT.to_json(), rec("single_object", "a photo of a unicorn", GenEvalRequirement("unicorn", 1)).to_json()]
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    meta.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    from htgrpo.data.prompt_sets import GenEvalPrompts
+
+    scorer = GenEvalDetectorScorer(detector=str(models["coco_dog"]), clip=str(models["clip"]),
+                                   class_names=str(models["names"]), device="cpu")
+    with pytest.raises(MetadataError, match=rf"{meta}:3: key 'include\[0\].class': found 'unicorn'"):
+        scorer.check_prompt_set(GenEvalPrompts(str(meta)))
+    # inside `fit` (no prepare() call), the first validation batch checks the whole set the same way
+    from htgrpo.evaluation.benchmark import Benchmark
+
+    benchmark = Benchmark(GenEvalPrompts(str(meta)), scorer, images_per_prompt=1)
+    first = benchmark.prompts.prompts[:1]
+    with pytest.raises(MetadataError, match=rf"{meta}:3: "):
+        benchmark.score(first, torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_evaluate_stops_at_start_up_on_a_bad_metadata_line(compose, models, tmp_path):
+    from htgrpo.evaluate import run
+
+    meta = tmp_path / "prompts" / "evaluation_metadata.jsonl"
+    meta.parent.mkdir()
+    bad = rec("two_object", "a photo of a dog and a unicorn", GenEvalRequirement("dog", 1), GenEvalRequirement("unicorn", 1))
+    meta.write_text("".join(json.dumps(r.to_json()) + "\n" for r in (DOG, CAT, bad)))
+    # no class_names: GenEval's object_names.txt next to the metadata is used (here a copy of the shared one)
+    (meta.parent / "object_names.txt").write_text(models["names"].read_text())
+    cfg = compose("evaluate", ["benchmark=geneval", f"benchmark.prompts.path={meta.parent}",
+                               f"benchmark.scorer.detector={models['coco_dog']}", f"benchmark.scorer.clip={models['clip']}",
+                               "benchmark.scorer.device=cpu", "policy=random", f"paths.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(MetadataError, match=rf"{meta}:3: key 'include\[1\].class': found 'unicorn'"):
+        run(cfg)
+    assert not (tmp_path / "run" / "results.jsonl").exists()  # nothing was generated
+
+
+def test_missing_weights_name_the_key_and_the_repo(compose, tmp_path):
+    cfg = compose("evaluate", ["benchmark=geneval", f"benchmark.prompts.path={tmp_path}", "policy=random",
+                               "benchmark.scorer.device=cpu"])
+    (tmp_path / "evaluation_metadata.jsonl").write_text(json.dumps(DOG.to_json()) + "\n")
+    benchmark = instantiate_node(cfg, "benchmark")  # cheap: nothing is loaded yet
+    from htgrpo.config import call_checked
+
+    with pytest.raises(ConfigError) as err:
+        call_checked(benchmark.prepare, "benchmark.scorer")
+    msg = str(err.value)
+    assert msg.startswith("benchmark.scorer.detector:")
+    assert "facebook/mask2former-swin-small-coco-instance" in msg and "huggingface-cli download" in msg
+    # reward=geneval loads when built (start-up of fit): the error names the reward's key
+    cfg = compose("fit", ["experiment=shapes_ht", "reward=geneval", "reward.device=cpu"])
+    with pytest.raises(ConfigError, match=r"^reward\.detector: .*facebook/mask2former-swin-small-coco-instance"):
+        instantiate_node(cfg, "reward")
+
+
+# ---- evaluate end to end, and the official results.jsonl ---------------------------------------------------
+def official_summary(path: Path) -> dict[str, float]:
+    """GenEval's summary_scores.py re-done without pandas: rows grouped by ``tag`` in first-seen order
+    (``groupby(sort=False)``), task score = mean ``correct``, overall = mean of task scores; prompts are
+    grouped by the ``metadata`` string."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    by_tag: dict[str, list[bool]] = {}
+    by_prompt: dict[str, list[bool]] = {}
+    for r in rows:
+        assert isinstance(r["metadata"], str) and isinstance(r["details"], str)
+        json.loads(r["metadata"]), json.loads(r["details"])
+        by_tag.setdefault(r["tag"], []).append(bool(r["correct"]))
+        by_prompt.setdefault(r["metadata"], []).append(bool(r["correct"]))
+    tasks = {t: sum(v) / len(v) for t, v in by_tag.items()}
+    return {"overall": sum(tasks.values()) / len(tasks), **tasks, "images": len(rows), "prompts": len(by_prompt),
+            "correct_prompts": sum(any(v) for v in by_prompt.values()) / len(by_prompt)}
+
+
+def test_evaluate_geneval_end_to_end_writes_the_official_results(compose, models, tmp_path):
+    from htgrpo.evaluate import run
+
+    meta = tmp_path / "prompts" / "evaluation_metadata.jsonl"
+    meta.parent.mkdir()
+    meta.write_text("".join(json.dumps(r.to_json()) + "\n" for r in (DOG, CAT, RED_DOG, DOG_AND_CAT)))
+    out = tmp_path / "run"
+    cfg = compose("evaluate", [
+        "benchmark=geneval", f"benchmark.prompts.path={meta}", f"benchmark.scorer.detector={models['coco_dog']}",
+        f"benchmark.scorer.clip={models['clip']}", f"benchmark.scorer.class_names={models['names']}",
+        "benchmark.scorer.device=cpu", "benchmark.images_per_prompt=2", "policy=random", "save_images=true",
+        f"paths.output_dir={out}",
+    ])
+    results = run(cfg)
+    summary = official_summary(out / "results.jsonl")
+    assert summary["images"] == 8 and summary["prompts"] == 4
+    assert summary["single_object"] == 0.5 and summary["two_object"] == 0.0
+    assert results["tasks"] == {k: summary[k] for k in ("single_object", "two_object", "colors")}
+    assert results["overall"] == pytest.approx(summary["overall"])
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert list(rows[0]) == ["filename", "tag", "prompt", "correct", "reason", "metadata", "details"]
+    assert json.loads(rows[0]["metadata"]) == DOG.to_json()
+    # the images are in GenEval's layout and the metadata next to them reads back as the record
+    assert Path(rows[0]["filename"]) == out / "images" / "00000" / "samples" / "0000.png"
+    assert load_geneval_metadata(out / "images" / "00003" / "metadata.jsonl")[0] == DOG_AND_CAT
+    assert (out / "images" / "00003" / "samples" / "0001.png").exists()
+
+
+def test_reward_geneval_drives_a_two_step_shapes_ht_fit(compose, models, tmp_path):
+    import csv
+
+    from htgrpo.fit import run
+    from test_rewards import TINY_RL, _without_hydra
+
+    cfg = compose("fit", ["experiment=shapes_ht", *TINY_RL, "reward=geneval", f"reward.detector={models['shapes_circle']}",
+                          f"reward.clip={models['clip']}", "reward.device=cpu", f"paths.output_dir={tmp_path}"])
+    assert run(_without_hydra(cfg))["steps"] == 2
+    with open(tmp_path / "csv" / "metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("train/nonfinite_rewards")]
+    assert len(rows) == 2
+    for row in rows:
+        assert float(row["train/nonfinite_rewards"]) == 0
+        assert 0.0 <= float(row["train/reward/geneval/partial"]) <= 1.0
+        assert math.isfinite(float(row["train/loss"]))
