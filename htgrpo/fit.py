@@ -63,6 +63,18 @@ def format_summary_table(val_start: dict[str, float], val_end: dict[str, float])
     return "\n".join(lines)
 
 
+def reward_curve(history: list[float]) -> dict[str, Any]:
+    """Summary of the per-step mean rollout reward: the mean of each third of the steps (the last third holds the
+    remainder), the first and last step; ``{}`` with fewer than 3 steps. E.g. [1, 2, 3, 4] -> thirds [1, 2, 3.5]."""
+    values = [float(v) for v in history if not math.isnan(float(v))]
+    n = len(values)
+    if n < 3:
+        return {}
+    k = n // 3
+    parts = [values[:k], values[k:2 * k], values[2 * k:]]
+    return {"steps": n, "thirds": [sum(p) / len(p) for p in parts], "first": values[0], "last": values[-1]}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job from a composed config; returns the summary written to ``summary.json``."""
     started = time.perf_counter()
@@ -78,6 +90,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg)
     trainer: L.Trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
+    from htgrpo.policies.lora import check_precision
+
+    check_precision(module, trainer.precision)  # bf16-true needs LoRA (fp32 adapters); full FT uses bf16-mixed
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     # Validation prompts are generated/read now, so a bad prompt file fails before any training.
@@ -86,6 +101,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     val_start: dict[str, float] = {}
     if cfg.validate_at_start and cfg.ckpt_path is None:
         val_start = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
+    val_start_rows = list(getattr(module, "val_rows", []))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
     val_end: dict[str, float] = {}
@@ -97,10 +113,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     summary = {"val_start": val_start, "val_end": val_end, "steps": int(getattr(module, "training_steps_done", trainer.global_step)),
                "seconds": round(time.perf_counter() - started, 2)}
+    curve = reward_curve(getattr(module, "reward_history", []))
+    if curve:
+        summary["reward_curve"] = curve
     if trainer.is_global_zero:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        # Per-image validation results (rank 0's share), e.g. for paired bootstrap intervals of the gain.
+        for name, rows in (("val_start", val_start_rows if val_start else []),
+                           ("val_end", getattr(module, "val_rows", []) if val_end else [])):
+            if rows:
+                with open(output_dir / f"{name}_images.jsonl", "w") as fh:
+                    fh.writelines(json.dumps(row) + "\n" for row in rows)
         print(f"\n{cfg.task_name}: {summary['steps']} steps in {summary['seconds']:.0f} s -> {output_dir}")
         print(format_summary_table(val_start, val_end))
+        if curve:
+            thirds = " -> ".join(f"{v:.3f}" for v in curve["thirds"])
+            print(f"rollout reward (mean per third of {curve['steps']} steps): {thirds}; "
+                  f"first step {curve['first']:.3f}, last step {curve['last']:.3f}")
     return summary
 
 

@@ -67,7 +67,8 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 
 def geneval_done(out: Path, index: int, k: int) -> bool:
     folder = out / f"{index:05d}"
-    return (folder / "metadata.jsonl").exists() and all((folder / "samples" / f"{j:04d}.png").exists() for j in range(k))
+    samples = folder / "samples"
+    return (folder / "metadata.jsonl").exists() and all((samples / f"{j:04d}.png").exists() for j in range(k))
 
 
 def write_geneval(out: Path, index: int, prompt: BenchmarkPrompt, images: torch.Tensor) -> None:

@@ -355,6 +355,16 @@ class GRPODeepSpeedStrategy(DeepSpeedStrategy):
             return
         super().setup_environment()
 
+    def setup_distributed(self) -> None:
+        if self.allow_cpu and self.root_device.type == "cpu":  # CPU devices have no index to validate
+            from lightning.fabric.utilities.seed import reset_seed
+
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+            return
+        super().setup_distributed()
+
     def _format_batch_size_and_grad_accum_config(self) -> None:
         super()._format_batch_size_and_grad_accum_config()
         module = self.lightning_module
@@ -362,8 +372,17 @@ class GRPODeepSpeedStrategy(DeepSpeedStrategy):
             self.config["gradient_clipping"] = float(module.max_grad_norm)
 
     def _setup_model_and_optimizer(self, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any = None) -> Any:
+        import argparse
+
+        import deepspeed
+
         moved = keep_out_of_strategy(model, self.root_device)
-        engine, deepspeed_optimizer = super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        # (Lightning's own call passes device_rank=root_device.index, which is None on CPU.)
+        device_rank = self.root_device.index if self.root_device.type != "cpu" else self.local_rank
+        engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=device_rank), config=self.config, model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
+            lr_scheduler=lr_scheduler, dist_init_required=False)
         dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
         if dtype is not None:
             for name, child in moved.items():

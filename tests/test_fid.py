@@ -114,6 +114,7 @@ def test_evaluate_with_fid_kid_and_reward_metrics(compose, tmp_path):
 @pytest.mark.parametrize("overrides, key", [
     (["metrics=[nope]"], "metrics"),
     (["metrics=[fid]"], "fid.reference_dir"),
+    (["metrics=[kid]", "fid.reference_dir=.", "fid.feature_extractor=no.such.extractor"], "fid.feature_extractor"),
     (["metrics=[jpeg_compressibility]", "+metric_options.jpeg_compressibility.quality=0"],
      "metric_options.jpeg_compressibility.quality"),
 ])

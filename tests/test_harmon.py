@@ -61,7 +61,8 @@ def test_fit_harmon_mar_grpo_on_the_tiny_checkpoint(compose, tmp_path):
                           "trainer.max_steps=2", "validate_at_start=false", "validate_at_end=false",
                           f"paths.output_dir={run_dir}", f"paths.artifacts_dir={tmp_path / 'artifacts'}",
                           "callbacks.progress_bar=null",
-                          "sampler.num_ar_steps=8", "sampler.num_diffusion_steps=ddim4", "algorithm.num_train_ar_steps=3",
+                          "sampler.num_ar_steps=8", "sampler.num_diffusion_steps=ddim4",
+                          "algorithm.num_train_ar_steps=3",
                           "algorithm.num_train_diffusion_steps=2", "algorithm.mte.num_trajectories=2"])
     with open_dict(cfg):
         cfg.pop("hydra", None)
@@ -227,7 +228,7 @@ def test_policy_image_round_trip_shapes(tiny):
     assert back.dtype == torch.uint8 and back.shape == images.shape
 
 
-# ---- release-difference switches, each both ways ----------------------------------------------------------------------
+# ---- release-difference switches, each both ways ---------------------------------------------------------------
 def test_logprob_clamp_released_bounds_the_variance_in_the_division():
     x, mu = torch.tensor([[1e-3]]), torch.zeros(1, 1)
     lv = torch.full((1, 1), 2 * math.log(1e-4))          # sigma = 1e-4 (sigma^2 = 1e-8)
@@ -346,7 +347,8 @@ def test_consistency_from_step_and_requires_mte(mar_module_factory):
 
 def test_switch_values_are_checked_at_start_up(mar_module_factory):
     make_module, _ = mar_module_factory
-    for kwargs, key in (({"mte": {"score_std": "mine"}}, "mte.score_std"), ({"mte": {"min_tokens": -1}}, "mte.min_tokens"),
+    for kwargs, key in (({"mte": {"score_std": "mine"}}, "mte.score_std"),
+                        ({"mte": {"min_tokens": -1}}, "mte.min_tokens"),
                         ({"consistency": {"from_step": 0}}, "consistency.from_step"),
                         ({"logprob": {"clamp": "both"}}, "logprob.clamp")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -398,3 +400,21 @@ def test_missing_weights_say_what_to_download(tmp_path):
     parts = build_tiny_harmon()
     with pytest.raises(ConfigError, match="image_size"):     # not a multiple of the VAE stride (8)
         HarmonPolicy(parts.llm, parts.mar, parts.vae, parts.tokenizer, image_size=30)
+
+
+def test_gradient_checkpointing_gives_the_same_latents_and_gradients(tiny_dir):
+    results = []
+    for checkpointing in (False, True):
+        policy = load_harmon(str(tiny_dir), image_size=TINY_IMAGE_SIZE, gradient_checkpointing=checkpointing).train()
+        for module in policy.modules():        # dropout off so the two passes are comparable
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randn(2, policy.seq_len, policy.token_embed_dim, generator=g)
+        mask = torch.zeros(2, policy.seq_len, dtype=torch.bool)
+        mask[:, :6] = True
+        z = policy.ar_latents(tokens, mask, policy.condition_embedding(policy.encode_prompts(["a cat", "two dogs"])))
+        z.square().sum().backward()
+        results.append((z.detach(), policy.mar.z_proj.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])

@@ -21,6 +21,7 @@ from htgrpo.policies.generators import SamplerSettings
 from htgrpo.policies.llada import LLaDAModelLM
 from htgrpo.policies.lora import (
     AdapterDisabledView,
+    check_precision,
     is_lora,
     keep_trainable_fp32,
     make_reference,
@@ -181,9 +182,11 @@ def test_bf16_true_trains_fp32_adapters_on_bf16_frozen_weights(tmp_path):
 
 def test_bf16_true_full_finetuning_is_refused_with_the_key():
     module = HTGRPO(tiny(), brightness_reward, num_generations=4, beta=0.0)
-    with pytest.raises(ConfigError, match="trainer.precision"):
-        keep_trainable_fp32(module, "bf16-true")
-    keep_trainable_fp32(module, "bf16-mixed")  # fine: fp32 master weights
+    for check in (check_precision, keep_trainable_fp32):  # at fit's start-up, and again before the optimiser
+        with pytest.raises(ConfigError, match="trainer.precision: bf16-true"):
+            check(module, "bf16-true")
+        check(module, "bf16-mixed")  # fine: fp32 master weights
+    check_precision(HTGRPO(tiny({"r": 2}), brightness_reward, num_generations=4), "bf16-true")
 
 
 class LossRecorder(L.Callback):

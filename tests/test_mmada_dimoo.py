@@ -296,6 +296,7 @@ def test_real_policy_save_and_load_round_trip(dimoo, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not GENEVAL.exists(), reason="official GenEval metadata not found")
 def test_fit_mmada_ht_command(tiny, tmp_path):
     """python -m htgrpo.fit experiment=mmada_ht <tiny overrides> reward=jpeg_compressibility data.train.path=...
@@ -313,13 +314,17 @@ def test_fit_mmada_ht_command(tiny, tmp_path):
 
 
 @pytest.mark.skipif(not GENEVAL.exists(), reason="official GenEval metadata not found")
-def test_fit_dimoo_ht_in_process(tiny, compose, tmp_path):
-    """The dimoo_ht experiment through fit.run (the code path of `python -m htgrpo.fit experiment=dimoo_ht ...`)."""
+@pytest.mark.parametrize("experiment", ["mmada_ht", "dimoo_ht"])
+def test_fit_ht_experiment_in_process(experiment, tiny, compose, tmp_path):
+    """mmada_ht / dimoo_ht through fit.run: the code path of `python -m htgrpo.fit experiment=... <tiny overrides>
+    reward=jpeg_compressibility data.train.path=... trainer.max_steps=2 validate_at_start=false validate_at_end=false`
+    (the real command runs in test_fit_mmada_ht_command, marked slow, and in the README)."""
     from omegaconf import open_dict
 
     from htgrpo.fit import run
 
-    cfg = compose("fit", ["experiment=dimoo_ht", *overrides(tiny, "dimoo"), "reward=jpeg_compressibility",
+    model = experiment.split("_")[0]
+    cfg = compose("fit", [f"experiment={experiment}", *overrides(tiny, model), "reward=jpeg_compressibility",
                           f"data.train.path={GENEVAL}", "trainer.max_steps=2", "validate_at_start=false",
                           "validate_at_end=false", "sampler.num_steps=2", "policy.gradient_checkpointing=false",
                           "policy.lora.r=0", "logger=csv", "callbacks.progress_bar=null"])
@@ -329,6 +334,11 @@ def test_fit_dimoo_ht_in_process(tiny, compose, tmp_path):
         cfg.trainer.default_root_dir = str(tmp_path)
     summary = run(cfg)
     assert summary["steps"] == 1 and (tmp_path / "summary.json").exists()
+    import csv
+
+    with open(tmp_path / "csv" / "metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("train/loss")]
+    assert rows and all(float(r["train/reward/mean"]) < 0 for r in rows)  # JPEG size in kB, negated
 
 
 @pytest.mark.skipif(not GENEVAL.exists(), reason="official GenEval metadata not found")
@@ -369,3 +379,17 @@ def test_generic_policy_code_does_not_import_shapesworld():
         shapes += [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "htgrpo.policies"
                    for a in n.names if name != "generators.py" and "shapes" in a.name]
         assert not shapes, f"{name} imports {shapes}"
+
+
+def test_long_prompts_are_truncated_keeping_the_template_closed(dimoo, mmada):
+    long = "a photo of " + " and ".join(["a purple giraffe next to an orange umbrella"] * 20)
+    ids, mask = dimoo.text_tokenizer.encode([long], max_length=dimoo.layout.max_text_len)
+    tokens = dimoo.text_tokenizer.convert_ids_to_tokens(ids[0].tolist())
+    assert int(mask.sum()) == dimoo.layout.max_text_len and tokens[0] == "<system>" and tokens[-1] == "</user>"
+    seq, _ = dimoo.sequences(torch.full((1, dimoo.num_image_tokens), MASKED), dimoo.encode_prompts([long]))
+    assert seq.shape[1] == dimoo.layout.seq_len
+    # MMaDA keeps the start of the prompt and always closes it with <eos> before <|soi|>
+    seq, _ = mmada.sequences(torch.full((1, mmada.num_image_tokens), MASKED), mmada.encode_prompts([long]))
+    tokens = mmada.text_tokenizer.convert_ids_to_tokens(seq[0].tolist())
+    n = mmada.num_image_tokens
+    assert tokens[:2] == ["<|t2i|>", "<|startoftext|>"] and tokens[-(n + 3):-(n + 1)] == ["<|endoftext|>", "<|soi|>"]

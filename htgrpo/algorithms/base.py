@@ -38,6 +38,7 @@ class PolicyModule(L.LightningModule):
         self.val_metric = benchmark.make_metric() if benchmark is not None else None
         self.last_val_images: torch.Tensor | None = None
         self.last_val_prompts: list[str] = []
+        self.val_rows: list[dict[str, Any]] = []  # per-image results of the latest validation (this rank)
         self._val_generator: torch.Generator | None = None
         self.last_validated_step: int | None = None
 
@@ -51,6 +52,7 @@ class PolicyModule(L.LightningModule):
         # Same noise every validation (offset by rank so ranks draw different images).
         self._val_generator = torch.Generator().manual_seed(self.val_seed + 1000 * self.global_rank)
         self.last_val_images = None
+        self.val_rows = []
         if self.val_metric is not None:
             # Fresh states created under the current grad mode: a trainer.validate() before fit runs in
             # inference mode, and its tensors could not be updated in place by fit's (no-grad) validation loop.
@@ -63,7 +65,7 @@ class PolicyModule(L.LightningModule):
         expanded = [p for p in batch.prompts for _ in range(ipp)]
         generator = PolicyImageGenerator(self.policy, self.sampler)
         images = generator.generate(expanded, self._val_generator)
-        self.benchmark.score(batch.prompts, images, self.val_metric)
+        self.val_rows.extend(self.benchmark.score(batch.prompts, images, self.val_metric))
         if self.last_val_images is None:
             self.last_val_images = images[: 8 * ipp].cpu()
             self.last_val_prompts = [p.prompt for p in expanded[: 8 * ipp]]

@@ -25,6 +25,7 @@ Lightning's ``global_step`` counts optimiser updates (K per rollout batch); ``ro
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -154,6 +155,7 @@ class HTGRPO(GRPOModule):
 
         self.last_update_stats: list[UpdateStats] = []
         self.last_scored: ScoredRollout | None = None
+        self.reward_history: list[float] = []  # mean rollout reward of each training step of this process
         self.save_hyperparameters(ignore=["policy", "reward", "benchmark", "sampler", "rollout_sampler"])
 
     # ===================================================================================================
@@ -168,6 +170,8 @@ class HTGRPO(GRPOModule):
         t0 = time.perf_counter()
         rewards = self.reward(rollout)                               # 2. scorer
         timings["reward"] = time.perf_counter() - t0
+        finite = rewards[torch.isfinite(rewards)]
+        self.reward_history.append(float(finite.mean()) if finite.numel() else math.nan)  # fit's reward-curve summary
 
         scored = self.score(rollout, rewards)                        # 3–4. advantages, partition, credit
         t0 = time.perf_counter()

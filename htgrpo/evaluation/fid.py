@@ -148,7 +148,7 @@ def kid_from_feats(gen: np.ndarray, ref: np.ndarray, subsets: int = 100, subset_
 def compute_fid_kid(generated_dir: str | Path, reference_dir: str | Path, metrics: Sequence[str] = ("fid", "kid"),
                     feature_extractor: str = "inception_v3", mode: str = "clean", batch_size: int = 32,
                     num_workers: int = 0, device: str = "cpu", weights_dir: str = "/tmp", kid_subsets: int = 100,
-                    kid_subset_size: int = 1000, seed: int = 0) -> FIDResult:
+                    kid_subset_size: int = 1000, seed: int = 0, extractor: Any = None) -> FIDResult:
     """FID and/or KID of the images in ``generated_dir`` against those in ``reference_dir`` (see module docstring).
 
     Raises:
@@ -166,7 +166,8 @@ def compute_fid_kid(generated_dir: str | Path, reference_dir: str | Path, metric
     require(n_ref >= 2, "fid.reference_dir", f"{ref} holds {n_ref} images ({', '.join(IMAGE_EXTENSIONS)}); need >= 2")
     require(n_gen >= 2, "metrics", f"FID/KID need >= 2 generated images, got {n_gen}")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    extractor = build_extractor(str(feature_extractor), mode, dev, weights_dir)
+    if extractor is None:  # (an extractor built earlier, e.g. at start-up, is used as is)
+        extractor = build_extractor(str(feature_extractor), mode, dev, weights_dir)
     gen_feats = folder_features(generated_dir, extractor, mode, batch_size, num_workers, dev)
     ref_feats = folder_features(ref, extractor, mode, batch_size, num_workers, dev)
     fid = kid = None

@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from htgrpo.config import ConfigError, require
-from htgrpo.evaluation.fid import compute_fid_kid, save_images
+from htgrpo.config import ConfigError, require, require_choice
+from htgrpo.evaluation.fid import FID_MODES, build_extractor, compute_fid_kid, save_images
 from htgrpo.rewards.base import RewardOutput, safe_score
 
 FID_METRICS = ("fid", "kid")
@@ -48,6 +48,13 @@ class ImageMetrics:
             ref = self.fid_cfg.get("reference_dir")
             require(ref is not None and Path(str(ref)).expanduser().is_dir(), "fid.reference_dir",
                     f"must be a folder of reference images for {'/'.join(self.fid_metrics)}, got {ref!r}")
+            f = self.fid_cfg
+            require_choice(str(f.get("mode", "clean")), FID_MODES, "fid.mode")
+            device = str(f.get("device", "cpu"))
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+            # built now, so missing Inception weights stop the run before any image is generated
+            self.extractor = build_extractor(str(f.get("feature_extractor", "inception_v3")), str(f.get("mode", "clean")),
+                                             torch.device(device), str(f.get("weights_dir", "/tmp")))
         options = _plain(cfg.get("metric_options"))
         self.rewards = {n: build_reward(n, f"metric_options.{n}", cfg.get("world"), options.get(n))
                         for n in names if n not in FID_METRICS}
@@ -86,7 +93,8 @@ class ImageMetrics:
                                   num_workers=int(f.get("num_workers", 0)), device=str(f.get("device", "cpu")),
                                   weights_dir=str(f.get("weights_dir", "/tmp")),
                                   kid_subsets=int(f.get("kid_subsets", 100)),
-                                  kid_subset_size=int(f.get("kid_subset_size", 1000)), seed=int(f.get("seed", 0)))
+                                  kid_subset_size=int(f.get("kid_subset_size", 1000)), seed=int(f.get("seed", 0)),
+                                  extractor=self.extractor)
             if res.fid is not None:
                 out["fid"] = res.fid
             if res.kid is not None:

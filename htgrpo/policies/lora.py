@@ -29,12 +29,11 @@ The GRPO modules use four helpers from here:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import copy
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,12 +150,6 @@ def is_lora(policy: Any) -> bool:
     return isinstance(getattr(policy, "backbone", None), PeftModel)
 
 
-def base_backbone(policy: nn.Module) -> nn.Module:
-    """The ``LLaDAModelLM`` under the adapters (the backbone itself without LoRA)."""
-    backbone = policy.backbone
-    return backbone.get_base_model() if is_lora(policy) else backbone
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The reference policy
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,16 +194,6 @@ def make_reference(policy: nn.Module, beta: float) -> Any:
     if is_lora(policy):
         return AdapterDisabledView(policy)
     return copy.deepcopy(policy).requires_grad_(False)
-
-
-@contextlib.contextmanager
-def adapters_disabled(policy: nn.Module) -> Iterator[None]:
-    """Context in which the policy computes as its base model (a no-op without LoRA)."""
-    if is_lora(policy):
-        with policy.backbone.disable_adapter():
-            yield
-    else:
-        yield
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,15 +286,24 @@ def keep_trainable_fp32(module: nn.Module, precision: str | None) -> None:
     if str(precision) not in HALF_TRUE_PRECISIONS:
         module._htgrpo_trainable_snapshot = {}
         return
-    if not _has_lora(module):
-        raise ConfigError("trainer.precision", f"{precision} trains every weight in half precision; full fine-tuning"
-                                               " needs fp32 master weights: use trainer.precision=bf16-mixed, or LoRA"
-                                               " (policy.lora.r > 0) whose adapters stay fp32 under bf16-true")
+    check_precision(module, precision)
     for name, p in module.named_parameters():
         if p.requires_grad:
             source = snapshot.get(name)
             p.data = (source if source is not None else p.data).to(device=p.device, dtype=torch.float32)
     module._htgrpo_trainable_snapshot = {}
+
+
+def check_precision(module: nn.Module, precision: str | None) -> None:
+    """Start-up check (``htgrpo.fit``): a ``*-true`` half precision casts every weight, so the module must train
+    LoRA adapters only (they go back to fp32); full fine-tuning needs ``bf16-mixed`` (fp32 master weights)."""
+    if str(precision) not in HALF_TRUE_PRECISIONS:
+        return
+    trainable = any(p.requires_grad for p in module.parameters())
+    if trainable and not _has_lora(module):
+        raise ConfigError("trainer.precision", f"{precision} trains every weight in half precision; full fine-tuning"
+                                               " needs fp32 master weights: use trainer.precision=bf16-mixed, or LoRA"
+                                               " (policy.lora.r > 0) whose adapters stay fp32 under bf16-true")
 
 
 def parameter_counts(policy: nn.Module) -> dict[str, int]:

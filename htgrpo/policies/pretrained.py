@@ -15,12 +15,14 @@ Missing weights (no folder, offline, unknown id) become one :class:`ConfigError`
 download command: ``fit``/``evaluate``/``generate`` print it without a traceback.
 
 Image-code offsets follow the released code: MMaDA puts code c at ``len(text_tokenizer) + c`` (126349 for the real
-tokenizer); DiMOO at ``LM-head width − codebook_size`` (``generate_image`` infers ``text_vocab_size`` that way; 126356).
+tokenizer); DiMOO at ``LM-head width − codebook_size`` (``generate_image`` infers ``text_vocab_size`` that way;
+126356).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +41,10 @@ MAGVIT_REPO = "showlab/magvitv2"
 DIMOO_REPO = "Alpha-VLLM/Lumina-DiMOO"
 MMADA_MODEL_TYPES = ("mmada",)
 DIMOO_MODEL_TYPES = ("llada",)
+log = logging.getLogger(__name__)
+MMADA_IMAGE_OFFSET = 126349  # documented (reference §3.4): len(LLaDA tokenizer)
+DIMOO_IMAGE_OFFSET = 126356  # documented (reference §5.3)
+FULL_SIZE_HEAD = 130000      # LM heads wider than this are full-size checkpoints (tiny ones are a few thousand rows)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
 IMAGE_TOKENIZER_META = "image_tokenizer.json"
@@ -52,8 +58,9 @@ DIMOO_UNCOND_PROMPT = "<uncondition>"
 MMADA_SPECIALS: dict[str, tuple[int, tuple[str, ...], tuple[str, ...]]] = {
     "pad": (126093, (), ("[iPAD]",)),
     "t2i": (126088, (), ("<|t2i|>",)),
-    "bos": (126080, ("bos_token_id",), ("<|startoftext|>",)),
-    "eos": (126081, ("eos_token_id",), ("<|endoftext|>",)),
+    # MMaDA's UniversalPrompting takes <bos>/<eos> from the tokenizer (bos_token_id / eos_token_id), nothing else.
+    "bos": (126080, (), ()),
+    "eos": (126081, (), ()),
     "soi": (126084, (), ("<|soi|>",)),
     "eoi": (126085, (), ("<|eoi|>",)),
     "mask": (126336, ("mask_token_id",), ("<|mdm_mask|>",)),
@@ -136,7 +143,8 @@ class GridImageTokenizer:
         return cls(tok, meta["height_px"], meta["width_px"])
 
     def __repr__(self) -> str:
-        return f"GridImageTokenizer({type(self.tokenizer).__name__}, {self.height_px}x{self.width_px} px, grid={self.grid})"
+        name = type(self.tokenizer).__name__
+        return f"GridImageTokenizer({name}, {self.height_px}x{self.width_px} px, grid={self.grid})"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,8 +210,9 @@ def check_model_type(config: Mapping[str, Any], allowed: Sequence[str], key: str
     """``config.json``'s ``model_type`` must be one this policy reads (a DiMOO folder given to policy=mmada fails)."""
     got = config.get("model_type")
     require(got in allowed, key,
-            f"checkpoint has model_type={got!r} (architectures={config.get('architectures')}), but policy={policy_name} "
-            f"expects model_type in {list(allowed)}; point it at a {policy_name} checkpoint or pick the matching policy")
+            f"checkpoint has model_type={got!r} (architectures={config.get('architectures')}), but "
+            f"policy={policy_name} expects model_type in {list(allowed)}; point it at a {policy_name} checkpoint "
+            "or pick the matching policy")
 
 
 def resolve_special_ids(
@@ -297,7 +306,10 @@ def _load_backbone(pretrained: str, key: str, repo: str, dtype: torch.dtype) -> 
 
 
 def _finish(policy: MaskedDiffusionPolicy, lora: Any, gradient_checkpointing: bool) -> MaskedDiffusionPolicy:
-    """LoRA / gradient checkpointing through ``htgrpo.policies.lora`` (engineer 11's module)."""
+    """Train mode (``from_pretrained`` returns eval mode, which would switch LoRA dropout off in the updates; the
+    samplers and log-prob passes switch to eval themselves), then LoRA / gradient checkpointing through
+    ``htgrpo.policies.lora``."""
+    policy.train()
     lora_r = int((lora or {}).get("r", 0) or 0) if isinstance(lora, Mapping) else 0
     try:
         from htgrpo.policies.lora import apply_lora
@@ -357,6 +369,9 @@ def build_mmada_policy(
     offset = len(text_tok)  # MMaDA: image code c is token len(text_tokenizer) + c
     head_rows = int(config.get("embedding_size") or config.get("vocab_size") or 0)
     check_layout_fits(ids, offset, codebook, head_rows, "pretrained")
+    if head_rows > FULL_SIZE_HEAD and offset != MMADA_IMAGE_OFFSET:
+        log.warning("MMaDA image codes start at len(tokenizer) = %d, not the documented %d: check that "
+                    "policy.pretrained holds MMaDA's own tokenizer", offset, MMADA_IMAGE_OFFSET)
     layout = T2ISequenceLayout(image_token_offset=offset, codebook_size=codebook,
                                num_image_tokens=grid_tok.num_tokens, max_text_len=int(max_text_len) - 2, **ids)
     backbone = _load_backbone(pretrained, "pretrained", MMADA_REPO, torch_dtype)
@@ -397,7 +412,8 @@ def build_dimoo_policy(
     text_tok = _load_text_tokenizer(pretrained, "pretrained", DIMOO_REPO, template=DIMOO_TEMPLATE,
                                     add_special_tokens=True)
     ids = resolve_special_ids(DIMOO_SPECIALS, config, text_tok, special_tokens, "pretrained")
-    if ids["pad"] == DIMOO_SPECIALS["pad"][0] and text_tok.pad_token_id is not None and "pad" not in (special_tokens or {}):
+    no_pad_given = ids["pad"] == DIMOO_SPECIALS["pad"][0] and "pad" not in (special_tokens or {})
+    if no_pad_given and text_tok.pad_token_id is not None:
         ids["pad"] = int(text_tok.pad_token_id)
     close_user = text_tok.tokenizer("</user>", add_special_tokens=False)["input_ids"]
     text_tok.keep_tail = list(close_user)  # truncation keeps the template closed
@@ -411,6 +427,9 @@ def build_dimoo_policy(
     head_rows = int(config.get("embedding_size") or config.get("vocab_size") or 0)
     offset = head_rows - codebook  # released generate_image: text_vocab_size = logits width - codebook size
     check_layout_fits(ids, offset, codebook, head_rows, "pretrained")
+    if head_rows > FULL_SIZE_HEAD and offset != DIMOO_IMAGE_OFFSET:
+        log.warning("DiMOO image codes start at LM-head width - codebook = %d, not the documented %d (the released "
+                    "sampler infers the offset the same way)", offset, DIMOO_IMAGE_OFFSET)
     rows, cols = grid_tok.grid
     layout = DimooSequenceLayout(image_token_offset=offset, codebook_size=codebook, rows=rows, cols=cols,
                                  max_text_len=int(max_text_len), uncond_ids=uncond, padding_mask=bool(padding_mask),

@@ -26,8 +26,8 @@ class TokenizerNotFoundError(FileNotFoundError):
     """The text tokenizer is neither in a local folder nor downloadable."""
 
 
-def load_auto_tokenizer(path_or_id: str | os.PathLike, padding_side: str = "left", config_key: str = "policy.pretrained",
-                        repo_hint: str = "Gen-Verse/MMaDA-8B-Base") -> Any:
+def load_auto_tokenizer(path_or_id: str | os.PathLike, padding_side: str = "left",
+                        config_key: str = "policy.pretrained", repo_hint: str = "Gen-Verse/MMaDA-8B-Base") -> Any:
     """``AutoTokenizer.from_pretrained`` with an actionable error (names ``config_key`` and the repo id)."""
     from transformers import AutoTokenizer
 
@@ -131,4 +131,5 @@ class HFTextTokenizer:
         self.tokenizer.save_pretrained(str(directory))
 
     def __repr__(self) -> str:
-        return f"HFTextTokenizer({type(self.tokenizer).__name__}, vocab_size={self.vocab_size}, template={self.template!r})"
+        name = type(self.tokenizer).__name__
+        return f"HFTextTokenizer({name}, vocab_size={self.vocab_size}, template={self.template!r})"

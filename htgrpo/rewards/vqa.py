@@ -41,14 +41,17 @@ def _pil(images: Sequence[Any]) -> list[Any]:
     from PIL import Image
 
     out = []
+    done: dict[int, Any] = {}  # the same image object asked several questions is converted once
     for im in images:
-        if isinstance(im, Image.Image):
-            out.append(im.convert("RGB"))
-            continue
-        arr = im.detach().cpu().numpy() if isinstance(im, torch.Tensor) else np.asarray(im)
-        if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
-            arr = arr.transpose(1, 2, 0)
-        out.append(Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8))).convert("RGB"))
+        if id(im) not in done:
+            if isinstance(im, Image.Image):
+                done[id(im)] = im.convert("RGB")
+            else:
+                arr = im.detach().cpu().numpy() if isinstance(im, torch.Tensor) else np.asarray(im)
+                if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
+                    arr = arr.transpose(1, 2, 0)
+                done[id(im)] = Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8))).convert("RGB")
+        out.append(done[id(im)])
     return out
 
 

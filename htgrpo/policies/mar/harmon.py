@@ -12,7 +12,7 @@ Written from the released model's description (github wusize/Harmon ``src/models
 
 One AR step (what :meth:`HarmonPolicy.ar_latents` computes; CFG runs the same on the negative prompt's cache)::
 
-    prompt  = chat_template("Generate an image: {text}")  ─► llm.model ─► key/value cache (computed once per rollout)
+    prompt  = chat_template("Generate an image: {text}") ─► llm.model ─► key/value cache (once per rollout)
     x_enc   = mar.forward_mae_encoder(tokens, mask, buffer = fake_latent)           (B, buffer + visible, E)
     h       = proj_in(x_enc), buffer rows moved to the END ─► llm.model over [prompt cache ‖ h]
               (2-d mask = prompt mask ‖ ones, position ids continue after each prompt's real length)
@@ -27,7 +27,7 @@ Folder format (``save_pretrained`` / ``from_pretrained``; the Hugging Face layou
 
     config.json             {"model_type": "harmon", "architectures": ["HarmonModel"], "llm": {Qwen2 config},
                              "mar": {"type": "mar_huge", "img_size": 256, "vae_stride": 16, "patch_size": 1, ...}}
-    model.safetensors       vae.* / llm.* / mar.* / proj_in.* / proj_out.* (or sharded with model.safetensors.index.json)
+    model.safetensors       vae.* / llm.* / mar.* / proj_in.* / proj_out.* (or sharded: model.safetensors.index.json)
     tokenizer.json, tokenizer_config.json, ...   the Qwen2.5 tokenizer (AutoTokenizer)
 """
 
@@ -43,6 +43,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from htgrpo.config import ConfigError, require, require_choice
 from htgrpo.policies.mar.backbone import MAR, POS_EMBED_INTERPOLATIONS, TextCondition, patchify, unpatchify
@@ -180,6 +181,7 @@ class HarmonPolicy(nn.Module):
         self.image_size = int(image_size)
         self.prompt_format, self.chat_template, self.cfg_prompt = prompt_format, chat_template, cfg_prompt
         self.pos_embed_interpolation = pos_embed_interpolation
+        self.gradient_checkpointing = False   # recompute the LLM pass in backward (load_harmon's key)
         grid = self.image_size // f
         mar.set_generation_grid(grid, grid, pos_embed_interpolation)
         self._diffusions: dict[str, GaussianDiffusion] = {}
@@ -307,11 +309,22 @@ class HarmonPolicy(nn.Module):
         n = h.shape[1]
         attention = torch.cat([condition.attention_mask.bool(), condition.attention_mask.new_ones(B, n).bool()], 1)
         positions = (attention.long().cumsum(dim=1) - 1).clamp(min=0)[:, -n:]
-        # A fresh cache object per call: the LLM appends the image positions to it, the stored prompt stays intact.
-        cache = DynamicCache(ddp_cache_data=list(zip(condition.keys, condition.values)), config=self.llm.config)
-        out = self.llm.model(inputs_embeds=h.to(self.llm.dtype), attention_mask=attention, position_ids=positions,
-                             cache=cache, use_cache=True, return_dict=True)
-        h = out.last_hidden_state[:, -n:].to(x_enc.dtype)
+        layers = len(condition.keys)
+
+        def llm_over_prompt(h: Tensor, *kv: Tensor) -> Tensor:
+            # A fresh cache object per call: the LLM appends the image positions to it, the stored prompt stays intact.
+            cache = DynamicCache(ddp_cache_data=list(zip(kv[:layers], kv[layers:])), config=self.llm.config)
+            out = self.llm.model(inputs_embeds=h.to(self.llm.dtype), attention_mask=attention, position_ids=positions,
+                                 cache=cache, use_cache=True, return_dict=True)
+            return out.last_hidden_state[:, -n:]
+
+        kv = (*condition.keys, *condition.values)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # One recomputed segment over the whole LLM (transformers' per-layer checkpointing drops the prompt cache).
+            h = checkpoint(llm_over_prompt, h, *kv, use_reentrant=False)
+        else:
+            h = llm_over_prompt(h, *kv)
+        h = h.to(x_enc.dtype)
         h = torch.cat([h[:, -buf:], h[:, :-buf]], dim=1) if buf else h   # buffer rows back to the front
         return mar.forward_mae_decoder(x_enc + self.proj_out(h), mask)
 
@@ -510,7 +523,7 @@ def load_harmon(pretrained: str, image_size: int = 512, pos_embed_interpolation:
                                f"{sorted(cfg)}); expected model_type 'harmon' with 'llm' and 'mar'")
     state = read_state_dict(directory, key)
     source = f"Harmon checkpoint {directory}"
-    missing_parts = [p for p in ("mar.", "llm.", "vae.", "proj_in.", "proj_out.") if not any(k.startswith(p) for k in state)]
+    missing_parts = [p for p in MODULE_PREFIXES if not any(k.startswith(p) for k in state)]
     if missing_parts:
         raise ConfigError(key, f"{source}: no {', '.join(p + '*' for p in missing_parts)} weights; found "
                                f"{_prefix_summary(state)}. {download_hint(key)}")
@@ -556,8 +569,7 @@ def load_harmon(pretrained: str, image_size: int = 512, pos_embed_interpolation:
     if freeze_llm:   # the release trains only `mar` (the LLM and the projectors stay as loaded)
         for module in (policy.llm, policy.proj_in, policy.proj_out):
             module.requires_grad_(False)
-    if gradient_checkpointing:
-        llm.gradient_checkpointing_enable()
+    policy.gradient_checkpointing = bool(gradient_checkpointing)   # the LLM pass; MAR blocks: grad_checkpointing
     policy.use_sampling_steps(num_sampling_steps)
     return policy
 

@@ -1,0 +1,125 @@
+"""HT-GRPO's gain over its warm start on ShapesWorld-GenEval, over several seeds, with a bootstrap interval.
+
+Runs the README main command (``python -m htgrpo.fit experiment=shapes_ht``) once per seed (skipping seeds whose
+run folder already holds a ``summary.json``), then reads each run's per-image validation results before and after
+training (``val_start_images.jsonl`` / ``val_end_images.jsonl``, written by ``htgrpo.fit``) and reports:
+
+* per seed: overall before, after, gain; the mean rollout reward of the first and last third of training;
+* the mean gain over seeds with a 95% paired bootstrap interval: each of ``--resamples`` draws resamples the
+  validation prompts with replacement within each GenEval task (the same draw for before/after and for every seed,
+  so the pairing is kept), recomputes GenEval's overall (mean of the task means) and averages the gain over seeds;
+  the interval is the 2.5% and 97.5% quantiles of those means.
+
+    python experiments/shapes_geneval/gain.py --seeds 0 1 2            # runs what is missing, writes logs/gain/gain.md
+    python experiments/shapes_geneval/gain.py --seeds 0 1 2 -- trainer.limit_train_batches=60   # extra fit overrides
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def read_rows(path: Path) -> dict[tuple[str, int], tuple[str, bool]]:
+    """``(prompt key, image index) -> (task, correct)`` from a ``*_images.jsonl`` file."""
+    rows = {}
+    with open(path) as fh:
+        for line in fh:
+            r = json.loads(line)
+            rows[(str(r["key"]), int(r["image_index"]))] = (str(r["tag"]), bool(r["correct"]))
+    return rows
+
+
+def overall(correct: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> float:
+    """GenEval's overall: the unweighted mean over tasks of the (weighted) share of correct images."""
+    return float(np.mean([(correct[t] * weights[t]).sum() / weights[t].sum() for t in correct]))
+
+
+def per_prompt(rows: dict[tuple[str, int], tuple[str, bool]], keys_by_task: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """Per task, the share of correct images of each prompt (in ``keys_by_task`` order)."""
+    acc: dict[str, list[bool]] = defaultdict(list)
+    for (key, _), (tag, ok) in rows.items():
+        acc[key].append(ok)
+    return {t: np.array([np.mean(acc[k]) for k in keys]) for t, keys in keys_by_task.items()}
+
+
+def bootstrap_gain(starts: list[dict], ends: list[dict], keys_by_task: dict[str, list[str]], resamples: int,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """Mean gain over seeds and its 95% percentile interval under a task-stratified paired prompt bootstrap."""
+    rng = np.random.default_rng(seed)
+    ones = {t: np.ones(len(k)) for t, k in keys_by_task.items()}
+    point = float(np.mean([overall(e, ones) - overall(s, ones) for s, e in zip(starts, ends)]))
+    draws = np.empty(resamples)
+    for i in range(resamples):
+        # multiplicities of each prompt in a resample of its task's prompts
+        w = {t: np.bincount(rng.integers(0, len(k), len(k)), minlength=len(k)).astype(float)
+             for t, k in keys_by_task.items()}
+        draws[i] = np.mean([overall(e, w) - overall(s, w) for s, e in zip(starts, ends)])
+    lo, hi = np.quantile(draws, [0.025, 0.975])
+    return point, float(lo), float(hi)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--experiment", default="shapes_ht")
+    parser.add_argument("--out", type=Path, default=Path("logs/gain"))
+    parser.add_argument("--resamples", type=int, default=10000)
+    parser.add_argument("overrides", nargs="*", help="extra `python -m htgrpo.fit` overrides (after --)")
+    args = parser.parse_args()
+
+    starts, ends, lines = [], [], []
+    keys_by_task: dict[str, list[str]] | None = None
+    for seed in args.seeds:
+        run_dir = args.out / f"{args.experiment}_seed{seed}"
+        if not (run_dir / "summary.json").exists():
+            cmd = [sys.executable, "-m", "htgrpo.fit", f"experiment={args.experiment}", f"seed={seed}",
+                   f"hydra.run.dir={run_dir}", *args.overrides]
+            print("$", " ".join(cmd[1:]), flush=True)
+            subprocess.run(cmd, check=True, env=dict(os.environ))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        start, end = read_rows(run_dir / "val_start_images.jsonl"), read_rows(run_dir / "val_end_images.jsonl")
+        if set(start) != set(end):
+            raise SystemExit(f"{run_dir}: the validation images before and after differ in their prompts")
+        if keys_by_task is None:
+            by_task: dict[str, set[str]] = defaultdict(set)
+            for (key, _), (tag, _) in start.items():
+                by_task[tag].add(key)
+            keys_by_task = {t: sorted(k) for t, k in sorted(by_task.items())}
+        s, e = per_prompt(start, keys_by_task), per_prompt(end, keys_by_task)
+        starts.append(s)
+        ends.append(e)
+        ones = {t: np.ones(len(k)) for t, k in keys_by_task.items()}
+        curve = summary.get("reward_curve", {})
+        thirds = curve.get("thirds", [float("nan")] * 3)
+        lines.append(f"| {seed} | {overall(s, ones):.3f} | {overall(e, ones):.3f} | {overall(e, ones) - overall(s, ones):+.3f} "
+                     f"| {thirds[0]:.3f} | {thirds[-1]:.3f} | {summary['steps']} | {summary['seconds']:.0f} |")
+    assert keys_by_task is not None
+    point, lo, hi = bootstrap_gain(starts, ends, keys_by_task, args.resamples)
+    n_images = sum(len(k) for k in keys_by_task.values())
+    images = len(read_rows(args.out / f"{args.experiment}_seed{args.seeds[0]}" / "val_start_images.jsonl"))
+    table = "\n".join([
+        f"`{args.experiment}` gain on ShapesWorld-GenEval ({n_images} prompts, {images} validation images per "
+        f"evaluation; seeds {', '.join(map(str, args.seeds))})",
+        "",
+        "| seed | overall before | overall after | gain | rollout reward, first third | last third | rollout steps | s |",
+        "|---|---|---|---|---|---|---|---|",
+        *lines,
+        "",
+        f"mean gain {point:+.3f}, 95% bootstrap interval [{lo:+.3f}, {hi:+.3f}] "
+        f"({args.resamples} task-stratified paired resamples of the validation prompts)",
+    ])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gain.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Small files shipped inside the package, e.g. the ShapesWorld warm-start policy.
+
+``asset_path(name)`` is the folder of an asset; configs reach it through the OmegaConf resolver
+``${htgrpo_asset:NAME}`` (registered when ``htgrpo`` is imported), e.g. ``policy.pretrained_path``.
+
+* ``shapes_llada_warmstart/``: the LLaDA-architecture toy policy warm-started on ShapesWorld by
+  ``python -m htgrpo.fit experiment=shapes_pretrain`` (the exact command and its measured score are in its
+  ``README.md``); ``policy=shapes_llada_warm`` starts from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parent
+
+
+def asset_path(name: str) -> str:
+    """Absolute path of the shipped asset ``name`` (a file or folder under ``htgrpo/assets``)."""
+    path = ASSETS_DIR / str(name)
+    if not path.exists():
+        available = sorted(p.name for p in ASSETS_DIR.iterdir() if not p.name.startswith(("_", ".")))
+        raise FileNotFoundError(f"no shipped asset {name!r} in {ASSETS_DIR}; available: {available}")
+    return str(path)
+
+
+def register_resolver() -> None:
+    """Register ``${htgrpo_asset:NAME}`` with OmegaConf (idempotent)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("htgrpo_asset"):
+        OmegaConf.register_new_resolver("htgrpo_asset", asset_path)
+
+
+register_resolver()
