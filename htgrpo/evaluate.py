@@ -37,7 +37,10 @@ log = logging.getLogger("htgrpo.evaluate")
 
 
 def load_policy(cfg: DictConfig) -> Any:
-    """The policy to evaluate: ``ckpt_path`` (a save_pretrained folder or a Lightning .ckpt) or ``policy``."""
+    """The policy to evaluate: ``ckpt_path`` or ``policy``. ``ckpt_path`` is any folder or file fit / export write: a
+    save_pretrained folder, a LoRA adapter folder, a Lightning .ckpt, an FSDP sharded checkpoint folder
+    (``trainer=fsdp``) or a DeepSpeed checkpoint folder (``trainer=deepspeed_zero2/3``); the last three are loaded into
+    the ``policy`` the config builds."""
     ckpt = cfg.get("ckpt_path")
     if ckpt in (None, ""):
         return instantiate_node(cfg, "policy")
@@ -52,6 +55,14 @@ def load_policy(cfg: DictConfig) -> Any:
 
         if is_adapter_folder(path):  # `htgrpo.export` without merge: peft adapters on the base `policy` builds
             return load_adapter(instantiate_node(cfg, "policy"), path)
+        from htgrpo.strategies import checkpoint_kind, read_policy_weights
+
+        if checkpoint_kind(path) in ("fsdp_sharded", "deepspeed"):  # trainer=fsdp / deepspeed_* checkpoint folders
+            from htgrpo.policies.lora import load_policy_weights
+
+            policy = instantiate_node(cfg, "policy")
+            load_policy_weights(policy, read_policy_weights(path, policy))
+            return policy
         if not (path / "config.json").exists():
             raise ConfigError("ckpt_path", f"{path} is a folder without config.json: not a save_pretrained policy")
         if is_mar_policy_folder(path):  # written by ShapesMARPolicy.save_pretrained (evaluate it with sampler=mar)
