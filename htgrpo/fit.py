@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from htgrpo._hydra import config_dir
 from htgrpo.config import ConfigError, instantiate_node
+from htgrpo.strategies import check_trainer_hardware
 
 log = logging.getLogger("htgrpo.fit")
 
@@ -81,6 +82,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True)
+    # A strategy that needs CUDA (DeepSpeed, accelerator=gpu) fails here, naming `trainer`, before anything is built.
+    check_trainer_hardware(OmegaConf.to_container(cfg.trainer, resolve=True))
 
     benchmark = instantiate_node(cfg, "benchmark")
     datamodule = instantiate_node(cfg, "data", val_prompts=benchmark.prompts)

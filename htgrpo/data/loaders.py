@@ -678,7 +678,8 @@ def load_dpg_csv(path: PathLike) -> dict[str, tuple[DPGProposition, ...]]:
           before ``"-"``. ``category_detailed`` keeps only the text after the ``"-"``.
         * The first data row is read like every other row. The official ``compute_dpg_bench.py`` has
           ``if i == 0: continue`` inside its ``iterrows()`` loop. That skips the first question (of
-          ``partiprompts97``), an off-by-one bug (ELLA issue #61) that is not copied here.
+          ``partiprompts97``), an off-by-one bug (ELLA issue #61) that is not copied here; each proposition keeps its
+          0-based data row (``row``), and the DPG scorer's ``skip_first_row`` switch reproduces the skip.
         * If an item's rows are not contiguous, they are all loaded and a warning is raised. The official
           reader keeps only the last block of such an item.
 
