@@ -95,7 +95,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
     from htgrpo.policies.lora import check_precision
 
-    check_precision(module, trainer.precision)  # bf16-true needs LoRA (fp32 adapters); full FT uses bf16-mixed
+    check_precision(module, trainer.precision, trainer.strategy)  # AdamW on fp32 weights (LoRA adapters or masters)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     # Validation prompts are generated/read now, so a bad prompt file fails before any training.

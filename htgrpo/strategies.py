@@ -212,7 +212,10 @@ class GRPOFSDPStrategy(FSDPStrategy):
         from lightning.fabric.strategies.fsdp import _move_torchmetrics_to_device
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        keep_out_of_strategy(model, self.root_device)
+        # The frozen reference runs under the precision plugin's autocast: with mixed precision its copy is kept in the
+        # half dtype (half the memory of an fp32 replica).
+        half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(self.precision_plugin.precision))
+        keep_out_of_strategy(model, self.root_device, dtype=half)
         classes = resolve_wrap_classes(model, self.wrap_modules)
         # Lightning passes device_id=root_device.index (None on CPU), which FSDP rejects without an accelerator;
         # an explicit CPU device makes FSDP run over gloo (tests, debugging).
@@ -493,7 +496,13 @@ def read_policy_weights(path: str | Path, policy: torch.nn.Module) -> dict[str, 
 
         own = policy.state_dict()
         state = {"model": {f"policy.{k}": torch.empty_like(v, device="cpu") for k, v in own.items()}}
-        dcp.load(state, checkpoint_id=path)
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+        try:
+            dcp.load(state, checkpoint_id=path)
+        except (CheckpointException, RuntimeError, ValueError, KeyError) as err:
+            raise ConfigError("ckpt_path", f"the weights in {path} do not fit the architecture of `policy`: "
+                                           f"{str(err).strip().splitlines()[-1]}") from None
         weights = _strip_prefixes(state["model"])
     elif kind == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -21,6 +21,7 @@ from htgrpo.policies.generators import SamplerSettings
 from htgrpo.policies.llada import LLaDAModelLM
 from htgrpo.policies.lora import (
     AdapterDisabledView,
+    apply_lora,
     check_precision,
     is_lora,
     keep_trainable_fp32,
@@ -32,6 +33,8 @@ from htgrpo.policies.masked_diffusion import MaskedDiffusionPolicy
 from htgrpo.policies.shapes_llada import build_masked_diffusion_policy
 from test_cli import run_cli
 from test_ht_grpo import TINY_POLICY, TINY_RL, brightness_reward, read_metrics
+from test_strategies import fit as strategy_fit
+from test_strategies import single_rank_group  # noqa: F401  (fixture: tears down the process group)
 
 WORLD = ShapesWorldConfig()
 TARGETS = {"q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"}
@@ -187,6 +190,13 @@ def test_bf16_true_full_finetuning_is_refused_with_the_key():
             check(module, "bf16-true")
         check(module, "bf16-mixed")  # fine: fp32 master weights
     check_precision(HTGRPO(tiny({"r": 2}), brightness_reward, num_generations=4), "bf16-true")
+    # weights loaded in bf16 and trained in full: refused whatever the trainer precision
+    with pytest.raises(ConfigError, match="policy.dtype"):
+        check_precision(HTGRPO(tiny().to(torch.bfloat16), brightness_reward, num_generations=4), "bf16-mixed")
+    # LoRA on bf16 weights: peft keeps the adapters in fp32
+    lora_on_bf16 = apply_lora(tiny().to(torch.bfloat16), {"r": 2})
+    assert {p.dtype for p in lora_on_bf16.parameters() if p.requires_grad} == {torch.float32}
+    check_precision(HTGRPO(lora_on_bf16, brightness_reward, num_generations=4), "bf16-mixed")
 
 
 class LossRecorder(L.Callback):
@@ -300,3 +310,30 @@ def test_lora_fit_and_export_commands(tmp_path, compose):
     bad = run_cli("htgrpo.export", [f"out={tmp_path / 'x'}", f"hydra.run.dir={tmp_path / 'e3'}"], tmp_path,
                   check=False)
     assert bad.returncode != 0 and "ckpt_path" in bad.stderr + bad.stdout
+
+
+def test_lora_under_fsdp_trains_like_one_device_and_resumes_from_the_sharded_folder(tmp_path, single_rank_group):
+    """Real FSDP (one CPU rank, gloo): LoRA blocks as FSDP units with frozen and trainable parameters together, the
+    adapter-disabled reference, and resume through the sharded checkpoint folder (which keeps the frozen shards)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from htgrpo.strategies import GRPOFSDPStrategy
+
+    def module():
+        policy = trained_adapters(tiny({"r": 4}))
+        return HTGRPO(policy, brightness_reward, num_generations=4, sampler=SamplerSettings(name="emerge", num_steps=4),
+                      stages={"n_global": 1, "n_struct": 1, "n_refine": 1}, lr=1e-2, beta=0.05)
+
+    _, plain = strategy_fit(module(), tmp_path / "plain", 3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="step{step:06d}", auto_insert_metric_name=False,
+                           every_n_train_steps=3, save_top_k=-1)
+    _, sharded = strategy_fit(module(), tmp_path / "fsdp", 3, strategy=GRPOFSDPStrategy(), callbacks=[ckpt])
+    for step in range(3):
+        assert [v for u in sharded[step] for v in u] == pytest.approx([v for u in plain[step] for v in u],
+                                                                      rel=1e-5, abs=1e-8)
+    _, tail = strategy_fit(module(), tmp_path / "resumed", 3, strategy=GRPOFSDPStrategy(),
+                           ckpt_path=str(tmp_path / "ckpt" / "step000003.ckpt"))
+    assert sorted(tail) == [1, 2]
+    for step in (1, 2):
+        assert [v for u in tail[step] for v in u] == pytest.approx([v for u in sharded[step] for v in u],
+                                                                   rel=1e-6, abs=1e-9)

@@ -50,7 +50,7 @@ def test_block_activation_bytes_by_hand():
 
 
 def test_checkpointing_keeps_only_block_inputs():
-    setup = replace(M.EXPERIMENTS["mmada_ht"], micro_batch=1)
+    setup = replace(M.experiment_setup("mmada_ht"), micro_batch=1, gradient_checkpointing=False)
     ckpt = replace(setup, gradient_checkpointing=True)
     s, a = M.dtype_bytes(setup)
     bt = setup.tokens
@@ -60,8 +60,9 @@ def test_checkpointing_keeps_only_block_inputs():
 
 def test_targets_lora_fits_one_80gb_gpu_with_micro_batch_3_and_full_ft_fits_8_gpus():
     gpu = 80 * GB
-    lora = M.EXPERIMENTS["mmada_ht"]
-    assert lora.lora_r == 128 and lora.tokens == 1283 and lora.num_generations == 9 and lora.inner_iterations == 6
+    lora = M.experiment_setup("mmada_ht")  # read from conf/experiment/mmada_ht.yaml
+    assert (lora.lora_r, lora.tokens, lora.image_tokens, lora.num_generations, lora.inner_iterations,
+            lora.micro_batch, lora.gradient_checkpointing) == (128, 1283, 1024, 9, 6, 3, True)
     for checkpointing in (False, True):
         setup = replace(lora, gradient_checkpointing=checkpointing)
         assert M.max_micro_batch(setup, gpu) >= 3
@@ -72,6 +73,13 @@ def test_targets_lora_fits_one_80gb_gpu_with_micro_batch_3_and_full_ft_fits_8_gp
         assert M.max_micro_batch(replace(full, strategy=strategy, gradient_checkpointing=True), gpu) >= 3
         assert M.fits(M.estimate(replace(full, strategy=strategy, micro_batch=1)), gpu)
     assert M.max_micro_batch(replace(full, strategy="ddp", gradient_checkpointing=True), gpu) == 0  # replicated
+
+
+def test_experiment_overrides_reach_the_setup():
+    setup = M.experiment_setup("mmada_ht", ["policy.max_text_len=512", "policy.lora.r=0", "algorithm.num_generations=4"])
+    assert setup.tokens == 513 + 1 + 1024 + 1 == 1539 and setup.lora_r == 0 and setup.num_generations == 4
+    with pytest.raises(ValueError, match="MMaDA-8B shape only"):
+        M.experiment_setup("shapes_ht")
 
 
 def test_the_script_prints_both_tables(capsys):

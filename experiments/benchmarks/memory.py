@@ -4,7 +4,8 @@
     python experiments/benchmarks/memory.py --experiment mmada_ht --strategy fsdp --gpus 8 --lora-r 0
     python experiments/benchmarks/memory.py --self-check          # model vs measured peak on a reduced-depth model (CPU)
 
-For a named experiment and a strategy it prints, per GPU, the bytes of: weights (policy, and the reference when it is a
+For a named experiment (its G, K, micro-batch, LoRA and checkpointing settings and sequence length are read from
+``conf/experiment/NAME.yaml``; any ``mmada_*``) and a strategy it prints, per GPU, the bytes of: weights (policy, and the reference when it is a
 separate copy), LoRA adapters, gradients, optimiser state, and activations per update micro-batch (with and without
 gradient checkpointing), the total, and the largest update micro-batch that fits the GPU.
 
@@ -103,12 +104,44 @@ class Setup:
         return self.lora_r > 0
 
 
-EXPERIMENTS = {
-    # HT-GRPO on MMaDA-8B with MaskGRPO's defaults (reference §4 / "reasonable defaults"): G = 9, K = 6, LoRA r = 128,
-    # prompt length 256 -> (256+1) + 1 + 1024 + 1 = 1283 tokens (reference §3.6), 1024 image tokens.
-    "mmada_ht": Setup(name="mmada_ht", shape=MMADA_8B, tokens=1283, image_tokens=1024, num_generations=9,
-                      prompts_per_step=1, inner_iterations=6, micro_batch=3, lora_r=128, gradient_checkpointing=False),
-}
+MMADA_POLICY_TARGET = "htgrpo.policies.pretrained.build_mmada_policy"
+
+
+def experiment_setup(name: str, overrides: list[str] | None = None) -> Setup:
+    """The :class:`Setup` of a named experiment, read from its Hydra config (``conf/experiment/NAME.yaml``).
+
+    From the config: G (``algorithm.num_generations``), prompts per step (``data.batch_size``), K (the stage counts),
+    the update micro-batch (``algorithm.micro_batch_size``), β, ``policy.lora.{r, target_modules}`` and
+    ``policy.gradient_checkpointing``; MMaDA's sequence length (L+1) + 1 + N + 1 from ``policy.max_text_len`` = L and
+    ``policy.resolution`` (N = (res/16)² image tokens; 1283 at 512 px and L = 256, reference §3.6). The backbone
+    shape is MMaDA-8B's (reference §3.2): the released config.json is not read, so nothing is downloaded.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from htgrpo._hydra import config_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=config_dir()):
+        cfg = compose("fit", overrides=[f"experiment={name}", *(overrides or [])])
+    GlobalHydra.instance().clear()
+    if cfg.policy.get("_target_") != MMADA_POLICY_TARGET:
+        raise ValueError(f"experiment {name!r}: the memory model knows the MMaDA-8B shape only "
+                         f"(policy._target_ {MMADA_POLICY_TARGET}), got {cfg.policy.get('_target_')}")
+    resolution = cfg.policy.resolution
+    height, width = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    image_tokens = (int(height) // 16) * (int(width) // 16)
+    stages = cfg.algorithm.get("stages") or {}
+    inner = sum(int(stages.get(k, 2)) for k in ("n_global", "n_struct", "n_refine"))
+    G = int(cfg.algorithm.num_generations)
+    micro = cfg.algorithm.get("micro_batch_size")
+    lora = cfg.policy.get("lora") or {}
+    return Setup(name=name, shape=MMADA_8B, tokens=int(cfg.policy.max_text_len) + 1 + 1 + image_tokens + 1,
+                 image_tokens=image_tokens, num_generations=G, prompts_per_step=int(cfg.data.batch_size),
+                 inner_iterations=inner, micro_batch=int(micro) if micro else G * int(cfg.data.batch_size),
+                 lora_r=int(lora.get("r", 0) or 0), gradient_checkpointing=bool(cfg.policy.gradient_checkpointing),
+                 beta=float(cfg.algorithm.beta),
+                 lora_targets=tuple(lora.get("target_modules") or ALL_TARGETS))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -421,7 +454,7 @@ def self_check(tolerance: float = 0.2) -> list[dict]:
 
 def default_tables(gpu_gb: float) -> None:
     gpu = gpu_gb * GB
-    mm = EXPERIMENTS["mmada_ht"]
+    mm = replace(experiment_setup("mmada_ht"), gradient_checkpointing=False)
     print(f"## mmada_ht, LoRA r={mm.lora_r}, bf16-true, one {gpu_gb:.0f} GB GPU "
           f"(P = {mm.shape.params() / 1e9:.2f} B, adapters {lora_params(mm.shape, mm.lora_r) / 1e6:.1f} M, "
           f"T = {mm.tokens}, G = {mm.num_generations}, K = {mm.inner_iterations})")
@@ -436,7 +469,7 @@ def default_tables(gpu_gb: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--experiment", choices=sorted(EXPERIMENTS))
+    parser.add_argument("--experiment", help="a conf/experiment name with an MMaDA policy, e.g. mmada_ht")
     parser.add_argument("--strategy", default=None,
                         choices=["single", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
     parser.add_argument("--gpus", type=int, default=None)
@@ -458,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiment is None:
         default_tables(args.gpu_gb)
         return 0
-    st = EXPERIMENTS[args.experiment]
+    st = experiment_setup(args.experiment)
     changes = {k: v for k, v in {"strategy": args.strategy, "gpus": args.gpus, "lora_r": args.lora_r,
                                  "micro_batch": args.micro_batch, "precision": args.precision}.items()
                if v is not None}

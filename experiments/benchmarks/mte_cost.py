@@ -1,17 +1,20 @@
-"""Cost of MAR-GRPO's multi-trajectory expectation (MTE) as S grows, and seconds per MAR-GRPO step by phase.
+"""Head cost of MAR-GRPO's multi-trajectory expectation (MTE): one RL step with S = 5 extra chains vs S = 1.
 
-Part 1 takes ONE rollout of the ShapesWorld MAR policy (``--prompts`` x ``--generations`` images) and, for
-S = 1, 2, 4, 8 extra head chains per token, times side by side in the same process
-  - sampling the S chains as ONE batched head call per reverse step over S·B·L tokens (what MARGRPO does), and
-  - a loop over the S chains (one head call per chain per reverse step), with the same noise,
-  - scoring the MTE term of one trained AR step (forward + backward through the AR part, frozen head),
-and reports the loop / batched ratio (median of ``--repeats``).
+The issue-level question is what S costs per RL step on the diffusion head. Every MAR-GRPO step runs the head in
+three places: the rollout (each decoded token's chain, plus all L positions at the logged AR steps, as the release
+does), the MTE chains (S full chains from fresh noise on every token's AR latent, one batched call), and the scoring
+of the stored transitions (forward + backward through the frozen head into z; critic tokens once per chain).
 
-Part 2 runs ``--steps`` real MAR-GRPO steps (Lightning trainer, shapes_mar_grpo defaults) and reports the median
-seconds of the rollout, reward, MTE and update phases (the first step is a warm-up).
+Part 1 — head cost per RL step, in ONE process: real MAR-GRPO steps (Lightning trainer, the shapes_mar_grpo
+defaults) for each S of ``--trajectories``, interleaved over ``--rounds`` (S=1, S=5, S=1, S=5, ...) so both see the
+same machine load; the same seed gives the same rollout noise. Timed per step (first step of every run is a
+warm-up): seconds inside the head network (forward hooks on every call + its backward through full-backward hooks),
+the MTE phase alone, and the whole step. Reports medians and the S / S_min ratios.
 
-    python experiments/benchmarks/mte_cost.py                        # warm-start export if present, else random init
-    python experiments/benchmarks/mte_cost.py --policy PATH --steps 4 --threads 1 --out mte_cost.json
+Part 2 — batched vs per-S loop for the MTE chains alone on one rollout (what ``mte`` runs), median of ``--repeats``.
+
+    python experiments/benchmarks/mte_cost.py --threads 1                    # warm start if exported, else random
+    python experiments/benchmarks/mte_cost.py --policy PATH --steps 3 --rounds 2 --out mte_cost.json
 """
 
 from __future__ import annotations
@@ -48,14 +51,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--policy", default=None, help=f"saved MAR policy folder (default: {DEFAULT_POLICY} if present)")
     ap.add_argument("--prompts", type=int, default=2, help="prompts per rollout batch (shapes_mar_grpo: 2)")
     ap.add_argument("--generations", type=int, default=8, help="num_generations (shapes_mar_grpo: 8)")
-    ap.add_argument("--ar-steps", type=int, default=16, help="AR steps of the rollouts (sampler=mar: 16)")
-    ap.add_argument("--diffusion-steps", type=int, default=25, help="head sampling steps (sampler=mar: 25)")
-    ap.add_argument("--trajectories", default="1,2,4,8", help="values of S in part 1")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per S in part 1 (median)")
-    ap.add_argument("--steps", type=int, default=3, help="MAR-GRPO steps timed in part 2 (first one is warm-up)")
+    ap.add_argument("--ar-steps", type=int, default=16, help="AR steps of the rollouts (shapes_mar_grpo: 16)")
+    ap.add_argument("--diffusion-steps", default="ddim25", help="head sampling steps (shapes_mar_grpo: ddim25)")
+    ap.add_argument("--train-ar-steps", type=int, default=4, help="AR steps trained per rollout (shapes_mar_grpo: 4)")
+    ap.add_argument("--trajectories", default="1,5", help="values of S compared (the first is the reference)")
+    ap.add_argument("--steps", type=int, default=3, help="RL steps per run in part 1 (the first is a warm-up)")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved runs per S in part 1")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per S in part 2 (median); 0 skips part 2")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     return ap.parse_args(argv)
+
+
+def project_world() -> ShapesWorldConfig:
+    """The world the experiments use (conf/world/shapes.yaml), not the dataclass defaults."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "world" / "shapes.yaml"))
+    node.pop("_target_", None)
+    return ShapesWorldConfig(**node)
 
 
 def load_policy(args: argparse.Namespace, world: ShapesWorldConfig):
@@ -63,6 +77,80 @@ def load_policy(args: argparse.Namespace, world: ShapesWorldConfig):
     if path is not None:
         return (lambda: build_mar_policy(world, init="pretrained", pretrained_path=path)), path
     return (lambda: build_mar_policy(world)), "random init (shapes_mar defaults)"
+
+
+class HeadTimer:
+    """Wall seconds spent in a module: forward (pre/post forward hooks) + backward (full backward pre/post hooks).
+
+    The head network is never nested in itself, and CPU autograd runs one node at a time, so the intervals add up
+    without overlap.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.seconds = 0.0
+        self.calls = 0
+        self._t0 = 0.0
+        self._b0 = 0.0
+        module.register_forward_pre_hook(self._start)
+        module.register_forward_hook(self._stop)
+        module.register_full_backward_pre_hook(self._bstart)
+        module.register_full_backward_hook(self._bstop)
+
+    def _start(self, *_):
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *_):
+        self.seconds += time.perf_counter() - self._t0
+        self.calls += 1
+
+    def _bstart(self, *_):
+        self._b0 = time.perf_counter()
+
+    def _bstop(self, *_):
+        self.seconds += time.perf_counter() - self._b0
+
+
+def rl_step_costs(args: argparse.Namespace, make_policy, sampler: MARSamplerSettings, world: ShapesWorldConfig,
+                  S: int) -> list[dict[str, float]]:
+    """``args.steps`` real MAR-GRPO steps with S MTE chains; per step: head, MTE-phase and total seconds."""
+    policy = make_policy()
+    module = MARGRPO(policy, ShapesPromptReward(world, "partial"), sampler=sampler,
+                     num_generations=args.generations, lr=1e-4, beta=0.01, num_train_ar_steps=args.train_ar_steps,
+                     num_train_diffusion_steps=10, mte={"num_trajectories": S}, seed=0)
+    timer = HeadTimer(policy.mar.diffloss.net)
+    rows: list[dict[str, float]] = []
+    mark: dict[str, float] = {}
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            mark.update(head=timer.seconds, t=time.perf_counter())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            t = pl_module.last_timings
+            rows.append({"head_s": timer.seconds - mark["head"], "mte_s": t["mte"],
+                         "step_s": time.perf_counter() - mark["t"], "rollout_s": t["rollout"],
+                         "update_s": t["update"]})
+
+    data = PromptDataModule(ShapesPromptStream(world, seed=0), batch_size=args.prompts)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=args.steps, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", callbacks=[Record()])
+    trainer.fit(module, datamodule=data)
+    return rows[1:] or rows
+
+
+def head_cost_per_step(args: argparse.Namespace, make_policy, sampler: MARSamplerSettings,
+                       world: ShapesWorldConfig) -> list[dict]:
+    values = [int(s) for s in args.trajectories.split(",")]
+    per_s: dict[int, list[dict[str, float]]] = {S: [] for S in values}
+    for _ in range(args.rounds):
+        for S in values:
+            per_s[S] += rl_step_costs(args, make_policy, sampler, world, S)
+    med = {S: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for S, rows in per_s.items()}
+    ref = med[values[0]]
+    return [{"S": S, **m, "steps_timed": len(per_s[S]), "head_ratio": m["head_s"] / ref["head_s"],
+             "mte_ratio": m["mte_s"] / ref["mte_s"], "step_ratio": m["step_s"] / ref["step_s"]}
+            for S, m in med.items()]
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -75,59 +163,23 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def mte_costs(args: argparse.Namespace, make_policy, sampler: MARSamplerSettings, world: ShapesWorldConfig) -> list:
-    rows = []
+def batched_vs_loop(args: argparse.Namespace, make_policy, sampler: MARSamplerSettings,
+                    world: ShapesWorldConfig) -> list[dict]:
     data = ShapesPromptStream(world, seed=1)
     batch = collate_prompts([data[i] for i in range(args.prompts)])
-    base = None
+    rows, rollout = [], None
     for S in [int(s) for s in args.trajectories.split(",")]:
         module = MARGRPO(make_policy(), ShapesPromptReward(world, "partial"), sampler=sampler,
                          num_generations=args.generations, mte={"num_trajectories": S})
-        if base is None:
-            base = module.rollout(batch)
-        rollout = base
+        rollout = rollout or module.rollout(batch)
         batched = _median_time(lambda: module.multi_trajectory(rollout, torch.Generator().manual_seed(0), True),
                                args.repeats)
         loop = _median_time(lambda: module.multi_trajectory(rollout, torch.Generator().manual_seed(0), False),
                             args.repeats)
-        mte = module.multi_trajectory(rollout, torch.Generator().manual_seed(0))
-        plan = module.plan_updates(rollout, mte)[0]
-
-        def score():
-            module.policy.zero_grad(set_to_none=True)
-            terms = module.step_terms(module.policy, rollout, plan, mte)
-            (-(terms.logp * plan.masks.policy).sum()).backward()
-
-        scoring = _median_time(score, args.repeats)
         tokens = rollout.rollout.tokens.shape[0] * rollout.rollout.tokens.shape[1]
-        rows.append({"S": S, "batched_s": batched, "loop_s": loop, "loop_over_batched": loop / batched,
-                     "chain_tokens": S * tokens, "score_step_s": scoring, "critic_tokens": int(plan.critic.sum())})
+        rows.append({"S": S, "chain_tokens": S * tokens, "batched_s": batched, "loop_s": loop,
+                     "loop_over_batched": loop / batched})
     return rows
-
-
-def phase_seconds(args: argparse.Namespace, make_policy, sampler: MARSamplerSettings,
-                  world: ShapesWorldConfig) -> dict:
-    module = MARGRPO(make_policy(), ShapesPromptReward(world, "partial"), sampler=sampler,
-                     num_generations=args.generations, lr=1e-4, beta=0.01, num_train_ar_steps=4,
-                     num_train_diffusion_steps=10)
-    per_step: list[dict[str, float]] = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            per_step.append(dict(pl_module.last_timings))
-
-    data = PromptDataModule(ShapesPromptStream(world, seed=0), batch_size=args.prompts)
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=args.steps, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", callbacks=[Record()])
-    trainer.fit(module, datamodule=data)
-    timed = per_step[1:] or per_step
-    phases = {k: statistics.median(s[k] for s in timed) for k in ("rollout", "reward", "mte", "update")}
-    total = sum(phases.values())
-    images = args.prompts * args.generations
-    return {"phases_s": phases, "step_s": total, "share": {k: v / total for k, v in phases.items()},
-            "images_per_step": images, "images_per_s": images / total, "steps_timed": len(timed),
-            "train_ar_steps": module.num_train_ar_steps, "mte_trajectories": module.mte["num_trajectories"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -136,29 +188,30 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    world = ShapesWorldConfig()
+    world = project_world()
     make_policy, source = load_policy(args, world)
     sampler = MARSamplerSettings(num_ar_steps=args.ar_steps, num_diffusion_steps=args.diffusion_steps)
+    L_tok = world.grid_size ** 2
     print(f"policy: {source}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}")
-    n_img = args.prompts * args.generations
-    rows = mte_costs(args, make_policy, sampler, world)
-    print(f"\nPart 1: MTE on one rollout of {n_img} images x 256 tokens, {args.diffusion_steps} head steps "
-          f"(median of {args.repeats})")
-    print("| S | chain tokens | batched s | per-S loop s | loop / batched | score 1 AR step (fwd+bwd) s |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['S']} | {r['chain_tokens']} | {r['batched_s']:.3f} | {r['loop_s']:.3f} | "
-              f"{r['loop_over_batched']:.2f} | {r['score_step_s']:.3f} |")
-    part2 = phase_seconds(args, make_policy, sampler, world)
-    print(f"\nPart 2: one MAR-GRPO step ({part2['images_per_step']} images, {part2['train_ar_steps']} trained AR "
-          f"steps, S={part2['mte_trajectories']}), median of {part2['steps_timed']} steps")
-    print("| phase | seconds | share |\n|---|---|---|")
-    for k, v in part2["phases_s"].items():
-        print(f"| {k} | {v:.3f} | {part2['share'][k]:.0%} |")
-    print(f"| total | {part2['step_s']:.3f} | {part2['images_per_s']:.2f} images/s |")
-    result = {"policy": source, "threads": torch.get_num_threads(), "torch": torch.__version__, "mte": rows,
-              "step": part2}
+          f"{platform.processor() or platform.machine()}; {args.prompts}x{args.generations} images x {L_tok} tokens, "
+          f"{args.ar_steps} AR steps ({args.train_ar_steps} trained), head {args.diffusion_steps}")
+    part1 = head_cost_per_step(args, make_policy, sampler, world)
+    print(f"\nPart 1: one MAR-GRPO step (median over {part1[0]['steps_timed']} steps per S, {args.rounds} "
+          f"interleaved round(s)); ratios against S={part1[0]['S']}")
+    print("| S | head s / step | head ratio | MTE phase s | MTE ratio | step s | step ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for r in part1:
+        print(f"| {r['S']} | {r['head_s']:.3f} | {r['head_ratio']:.2f} | {r['mte_s']:.3f} | {r['mte_ratio']:.2f} | "
+              f"{r['step_s']:.3f} | {r['step_ratio']:.2f} |")
+    part2 = batched_vs_loop(args, make_policy, sampler, world) if args.repeats > 0 else []
+    if part2:
+        print(f"\nPart 2: the MTE chains alone on one rollout (median of {args.repeats})")
+        print("| S | chain tokens | batched s | per-S loop s | loop / batched |\n|---|---|---|---|---|")
+        for r in part2:
+            print(f"| {r['S']} | {r['chain_tokens']} | {r['batched_s']:.3f} | {r['loop_s']:.3f} | "
+                  f"{r['loop_over_batched']:.2f} |")
+    result = {"policy": source, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "rl_step": part1, "mte_chains": part2}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return result

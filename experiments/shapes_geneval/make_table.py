@@ -1,8 +1,8 @@
 """Rebuild the study table of experiments/shapes_geneval/README.md from the run logs (no training, no sampling).
 
-    python experiments/shapes_geneval/make_table.py [--study LOG_DIR/study] [--readme PATH]
+    python experiments/shapes_geneval/make_table.py [--study LOG_DIR/study LOG_DIR/study_mar] [--readme PATH]
 
-Reads `<study>/<method>/seed<k>/summary.json` (GenEval at the start and end of each RL run; `val_start` is the base,
+Reads (from each study folder; the MAR rows live in ``study_mar``) `<study>/<method>/seed<k>/summary.json` (GenEval at the start and end of each RL run; `val_start` is the base,
 identical for every method of a seed) and `.../dpg/dpg_results.json` (ShapesWorld-DPG of the final policy;
 `<study>/base/seed<k>/dpg/` for the base), averages over seeds (mean ± sample std, n seeds) and replaces the text
 between the `<!-- study-table:start -->` and `<!-- study-table:end -->` markers of the README.
@@ -34,11 +34,18 @@ def _load(path: Path) -> dict | None:
         return None
 
 
-def collect(study: Path) -> dict[str, dict[str, list[float]]]:
-    """method -> column -> one value per seed. Columns: geneval/<task>, geneval/overall, dpg/overall, steps, seconds."""
+# folders of the warm starts' own DPG runs (no summary.json) -> their table row
+BASE_DIRS = {"base": "Base (warm start)", "MAR base": "MAR base (warm start)"}
+
+
+def collect(study: Path | list[Path]) -> dict[str, dict[str, list[float]]]:
+    """method -> column -> one value per seed. Columns: geneval/<task>, geneval/overall, dpg/overall, steps, seconds.
+
+    ``study`` may be several study folders (e.g. ``logs/study`` and ``logs/study_mar``); their runs are merged."""
     table: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     base_seen: set[tuple[str, str]] = set()
-    for run_dir in sorted(study.glob("*/seed*")):
+    studies = [study] if isinstance(study, Path) else list(study)
+    for run_dir in sorted(d for s in studies for d in s.glob("*/seed*")):
         method = run_dir.parent.name.replace("_", " ")
         seed = run_dir.name
         summary = _load(run_dir / "summary.json")
@@ -55,7 +62,7 @@ def collect(study: Path) -> dict[str, dict[str, list[float]]]:
                     table[base_name][key].append(float(value))
         dpg = _load(run_dir / "dpg" / "dpg_results.json")
         if dpg is not None:
-            name = "Base (warm start)" if method == "base" else method
+            name = BASE_DIRS.get(method, method)
             table[name]["dpg/overall"].append(float(dpg["overall"]))
     return table
 
@@ -89,11 +96,14 @@ def render(table: dict[str, dict[str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
-def write_table(study: Path, readme: Path) -> str:
-    """Render the table from ``study`` and put it between the README markers; returns the table."""
-    if not study.is_dir():
-        raise SystemExit(f"{study}: no study runs (run experiments/shapes_geneval/run_study.py first)")
-    text = render(collect(study))
+def write_table(study: Path | list[Path], readme: Path) -> str:
+    """Render the table from ``study`` (one folder or several, merged) and put it between the README markers;
+    returns the table."""
+    studies = [study] if isinstance(study, Path) else list(study)
+    if not studies or not all(s.is_dir() for s in studies):
+        raise SystemExit(f"{[str(s) for s in studies]}: no study runs (run experiments/shapes_geneval/run_study.py "
+                         "first)")
+    text = render(collect(studies))
     doc = readme.read_text() if readme.exists() else f"{START}\n{END}\n"
     if START not in doc or END not in doc:
         raise SystemExit(f"{readme}: missing the {START} / {END} markers")
@@ -106,10 +116,13 @@ def write_table(study: Path, readme: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     root = Path(os.environ.get("HTGRPO_ROOT", REPO))
-    ap.add_argument("--study", type=Path, default=root / "logs" / "study")
+    ap.add_argument("--study", type=Path, nargs="+", default=None,
+                    help="study folders, merged (default: LOG_DIR/study and LOG_DIR/study_mar, those that exist)")
     ap.add_argument("--readme", type=Path, default=HERE / "README.md")
     args = ap.parse_args(argv)
-    print(write_table(args.study, args.readme))
+    studies = args.study or [d for d in (root / "logs" / "study", root / "logs" / "study_mar") if d.is_dir()] \
+        or [root / "logs" / "study"]
+    print(write_table(studies, args.readme))
     return 0
 
 

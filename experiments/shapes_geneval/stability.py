@@ -13,7 +13,10 @@ T rollout steps, r[s, t] the reward of seed s at step t):
   std; a smooth curve gives a small value);
 * **reward drift**: mean over seeds of (mean of the last third − mean of the first third) of r[s, ·];
 * **final-score spread**: sample std over seeds of the final GenEval overall and of its change from the base,
-  and the range (max − min) of the final overall.
+  and the range (max − min) of the final overall;
+* **gain interval**: the mean gain over seeds with its 95% task-stratified paired bootstrap interval over the
+  validation prompts (``gain.py``'s ``bootstrap_gain`` on the runs' ``val_start_images.jsonl`` /
+  ``val_end_images.jsonl``), so "improves on the warm start" is read against validation noise.
 
 The table replaces the text between ``<!-- stability-table:start -->`` and ``<!-- stability-table:end -->`` of the
 README (skipped when the markers are absent).
@@ -77,6 +80,31 @@ def drift(curve: list[float]) -> float:
     return statistics.mean(curve[2 * k:]) - statistics.mean(curve[:k])
 
 
+def gain_interval(run_dirs: list[Path], resamples: int = 2000) -> tuple[float, float, float] | None:
+    """(mean gain, 2.5%, 97.5%) over the runs' paired per-image validations (None without them)."""
+    sys.path.insert(0, str(HERE))
+    from gain import bootstrap_gain, per_prompt, read_rows
+
+    starts, ends, keys_by_task = [], [], None
+    for run_dir in run_dirs:
+        start_file, end_file = run_dir / "val_start_images.jsonl", run_dir / "val_end_images.jsonl"
+        if not (start_file.exists() and end_file.exists()):
+            continue
+        start, end = read_rows(start_file), read_rows(end_file)
+        if set(start) != set(end):
+            continue
+        if keys_by_task is None:
+            by_task: dict[str, set[str]] = {}
+            for (key, _), (tag, _) in start.items():
+                by_task.setdefault(tag, set()).add(key)
+            keys_by_task = {t: sorted(k) for t, k in sorted(by_task.items())}
+        starts.append(per_prompt(start, keys_by_task))
+        ends.append(per_prompt(end, keys_by_task))
+    if not starts:
+        return None
+    return bootstrap_gain(starts, ends, keys_by_task, resamples)
+
+
 def _std(values: list[float]) -> float:
     values = [v for v in values if not math.isnan(v)]
     return statistics.stdev(values) if len(values) >= 2 else math.nan
@@ -89,11 +117,12 @@ def _mean(values: list[float]) -> float:
 
 def method_stability(study: Path, method: str) -> dict[str, float] | None:
     """The stability figures of one method (``None`` when it has no finished run)."""
-    curves, finals, deltas = [], [], []
+    curves, finals, deltas, runs = [], [], [], []
     for run_dir in sorted((study / method.replace(" ", "_")).glob("seed*")):
         summary_path = run_dir / "summary.json"
         if not summary_path.exists():
             continue
+        runs.append(run_dir)
         summary = json.loads(summary_path.read_text())
         end = summary.get("val_end", {}).get("geneval/overall")
         start = summary.get("val_start", {}).get("geneval/overall")
@@ -106,7 +135,9 @@ def method_stability(study: Path, method: str) -> dict[str, float] | None:
             curves.append(curve)
     if not curves and not finals:
         return None
+    interval = gain_interval(runs)
     return {
+        "gain_ci": interval,
         "seeds": float(max(len(curves), len(finals))),
         "steps": float(min((len(c) for c in curves), default=0)),
         "reward_mean": _mean([statistics.mean(c) for c in curves]),
@@ -127,7 +158,7 @@ def render(study: Path, methods: list[str]) -> str:
 
     head = ["method", "seeds", "rollout steps", "mean reward", "reward spread across seeds", "step-to-step jitter",
             "reward drift (last − first third)", "final overall", "final std", "final range", "Δ overall",
-            "Δ std"]
+            "Δ std", "gain, 95% bootstrap interval"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         s = method_stability(study, m)
@@ -136,7 +167,9 @@ def render(study: Path, methods: list[str]) -> str:
         lines.append("| " + " | ".join([
             m, f"{s['seeds']:.0f}", f"{s['steps']:.0f}", f(s["reward_mean"]), f(s["curve_spread"]), f(s["jitter"]),
             f(s["drift"], sign=True), f(s["final_mean"]), f(s["final_std"]), f(s["final_range"]),
-            f(s["delta_mean"], sign=True), f(s["delta_std"])]) + " |")
+            f(s["delta_mean"], sign=True), f(s["delta_std"]),
+            "–" if s["gain_ci"] is None else f"{s['gain_ci'][0]:+.3f} [{s['gain_ci'][1]:+.3f}, {s['gain_ci'][2]:+.3f}]",
+        ]) + " |")
     return "\n".join(lines)
 
 

@@ -184,7 +184,7 @@ def record_to_json(record: RecordLike) -> Any:
 
     * ``GenEvalRecord`` -> ``{"type": "geneval", "tag", "include", ["exclude"], "prompt"}`` (the official line + type);
     * ``DPGItem`` -> ``{"type": "dpg", "item_id", "prompt", "keywords", "propositions": [{"proposition_id",
-      "dependency", "category_broad", "category_detailed", "tuple", "question"}, ...]}``;
+      "dependency", "category_broad", "category_detailed", "tuple", "question", "row"}, ...]}`` (``row``: the CSV data row, which orders the dependency rule);
     * a bare prompt string -> ``{"type": "prompt", "prompt": ...}``; ``None`` -> ``None``.
     """
     if record is None:
@@ -195,7 +195,8 @@ def record_to_json(record: RecordLike) -> Any:
         return {"type": "dpg", "item_id": record.item_id, "prompt": record.prompt, "keywords": record.keywords,
                 "propositions": [{"proposition_id": p.proposition_id, "dependency": list(p.dependency),
                                   "category_broad": p.category_broad, "category_detailed": p.category_detailed,
-                                  "tuple": p.tuple, "question": p.question} for p in record.propositions]}
+                                  "tuple": p.tuple, "question": p.question, "row": p.row}
+                               for p in record.propositions]}
     if isinstance(record, str):
         return {"type": "prompt", "prompt": record}
     raise TypeError(f"cannot serialise a record of type {type(record).__name__}")
@@ -217,7 +218,8 @@ def record_from_json(obj: Any, source: str = "record") -> RecordLike:
             return parse_geneval_record({k: v for k, v in obj.items() if k != "type"}, source)
         props = tuple(
             DPGProposition(int(p["proposition_id"]), tuple(int(d) for d in p["dependency"]), str(p["category_broad"]),
-                           str(p["category_detailed"]), str(p["tuple"]), str(p["question"]))
+                           str(p["category_detailed"]), str(p["tuple"]), str(p["question"]),
+                           row=None if p.get("row") is None else int(p["row"]))
             for p in obj.get("propositions", [])
         )
         return DPGItem(str(obj["item_id"]), str(obj["prompt"]), props, str(obj.get("keywords", "")))

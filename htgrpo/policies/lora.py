@@ -216,8 +216,15 @@ def strip_frozen_weights(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     adapter weights and buffers (the optimiser state already covers only trainable parameters)."""
     if not _has_lora(module) or "state_dict" not in checkpoint:
         return
-    frozen = frozen_parameter_names(module)
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    strategy = getattr(getattr(module, "_trainer", None), "strategy", None)
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        # Sharded strategies write and read the model state themselves (torch.distributed.checkpoint / DeepSpeed's
+        # engine) and need every key back; each rank stores only its 1/N shard of the frozen weights there.
+        return
     state = checkpoint["state_dict"]
+    frozen = frozen_parameter_names(module)
     for name in [k for k in state if k in frozen]:
         del state[name]
     checkpoint["htgrpo_frozen_weights_stripped"] = True
@@ -286,7 +293,7 @@ def keep_trainable_fp32(module: nn.Module, precision: str | None) -> None:
     if str(precision) not in HALF_TRUE_PRECISIONS:
         module._htgrpo_trainable_snapshot = {}
         return
-    check_precision(module, precision)
+    _require_lora_for_half_true(module, precision)
     for name, p in module.named_parameters():
         if p.requires_grad:
             source = snapshot.get(name)
@@ -294,9 +301,25 @@ def keep_trainable_fp32(module: nn.Module, precision: str | None) -> None:
     module._htgrpo_trainable_snapshot = {}
 
 
-def check_precision(module: nn.Module, precision: str | None) -> None:
-    """Start-up check (``htgrpo.fit``): a ``*-true`` half precision casts every weight, so the module must train
-    LoRA adapters only (they go back to fp32); full fine-tuning needs ``bf16-mixed`` (fp32 master weights)."""
+def check_precision(module: nn.Module, precision: str | None, strategy: Any = None) -> None:
+    """Start-up check (``htgrpo.fit``) that AdamW updates fp32 weights: trainable parameters loaded in a half dtype
+    (e.g. ``policy.dtype=bfloat16`` with ``lora.r=0``) are refused, and so is a ``*-true`` half precision, which casts
+    every weight, unless the module trains LoRA adapters only (they go back to fp32). Full fine-tuning uses
+    ``bf16-mixed`` (fp32 master weights). DeepSpeed keeps its own fp32 master copy, so it is exempt."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        return
+    half = sorted({str(p.dtype) for p in module.parameters()
+                   if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)})
+    if half:
+        raise ConfigError("policy.dtype", f"trainable weights are {half}; AdamW needs fp32 master weights: load the"
+                                          " policy in float32 (policy.dtype=float32) and train with"
+                                          " trainer.precision=bf16-mixed, or train LoRA adapters (policy.lora.r > 0)")
+    _require_lora_for_half_true(module, precision)
+
+
+def _require_lora_for_half_true(module: nn.Module, precision: str | None) -> None:
     if str(precision) not in HALF_TRUE_PRECISIONS:
         return
     trainable = any(p.requires_grad for p in module.parameters())

@@ -276,7 +276,9 @@ def _sample_dpg_groups(rng: np.random.Generator, world: ShapesWorldConfig) -> li
     groups = []
     for shape, count in zip(shapes, counts):
         size_draw = rng.random()
-        size = None if size_draw < 0.5 else ("small" if size_draw < 0.75 else "large")
+        # a world with one object size has no "small"/"large" to tell apart: no size words then
+        one_size = world.min_object_size == world.max_object_size
+        size = None if size_draw < 0.5 or one_size else ("small" if size_draw < 0.75 else "large")
         groups.append({"shape": shape, "color": str(rng.choice(GENEVAL_COLORS)), "size": size, "count": count})
     return groups
 

@@ -198,18 +198,21 @@ class ShapesMARPolicy(nn.Module):
 
     # -- supervised warm start ----------------------------------------------------------------------------------
     def training_loss(self, tokens: Tensor, condition: TextCondition, cond_dropout: float = 0.1,
-                      generator: torch.Generator | None = None) -> MARTrainingLoss:
+                      generator: torch.Generator | None = None, mask_rate: float | None = None) -> MARTrainingLoss:
         """MAR's training objective with an explicit caption-drop probability (CFG)::
 
             random order per image, mask rate r ~ N(1, 0.25²) truncated to [mask_ratio_min, 1] (ceil(L·r) masked),
             caption replaced by fake_latent with probability cond_dropout, encoder/decoder → z,
             DiffLoss (MSE(ε) + VB) on the masked tokens, each repeated diffusion_batch_mul times.
+
+        ``mask_rate`` (in (0, 1]) replaces MAR's truncated-normal draw of r for this batch (the warm start's
+        ``mask_schedule``).
         """
         mar = self.mar
         B = tokens.shape[0]
         dev = tokens.device
         orders = mar.random_orders(B, generator, device=dev)
-        mask = mar.random_masking(tokens, orders, generator)
+        mask = mar.random_masking(tokens, orders, generator, mask_rate=mask_rate)
         drop = None
         if cond_dropout > 0:
             drop = torch.rand(B, generator=generator, device=dev) < cond_dropout

@@ -1,0 +1,108 @@
+"""The toy-MAR parts of the ShapesWorld study: merged study folders, the stability figures (hand-computed), and the
+MAR warm start's cosine mask-rate schedule."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+STUDY = REPO_ROOT / "experiments" / "shapes_geneval"
+
+
+def _load(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(name, STUDY / file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+make_table = _load("study_make_table_mar", "make_table.py")
+stability = _load("study_stability", "stability.py")
+
+
+def _run(study, method, seed, start, end, dpg=None, rewards=None):
+    run = study / method / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"val_start": {"geneval/overall": start},
+                                                  "val_end": {"geneval/overall": end}, "steps": 3, "seconds": 9}))
+    if dpg is not None:
+        (run / "dpg").mkdir()
+        (run / "dpg" / "dpg_results.json").write_text(json.dumps({"overall": dpg}))
+    if rewards is not None:  # real TensorBoard events, as a fit run writes them
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run / "tensorboard"))
+        for step, value in enumerate(rewards):
+            writer.add_scalar(stability.REWARD_TAG, value, step)
+        writer.close()
+    return run
+
+
+def test_table_merges_the_llada_and_mar_study_folders(tmp_path):
+    llada, mar = tmp_path / "study", tmp_path / "study_mar"
+    _run(llada, "HT-GRPO", 0, 0.10, 0.30)
+    _run(mar, "MAR-GRPO", 0, 0.40, 0.50, dpg=60.0)
+    _run(mar, "MAR-GRPO", 1, 0.40, 0.60, dpg=70.0)
+    _run(mar, "MAR-GRPO_plain", 0, 0.40, 0.45)
+    base = mar / "MAR_base" / "seed0" / "dpg"
+    base.mkdir(parents=True)
+    (base / "dpg_results.json").write_text(json.dumps({"overall": 55.0}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{make_table.START}\n{make_table.END}\n")
+    table = make_table.write_table([llada, mar], readme)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert list(rows)[1:] == ["Base (warm start)", "HT-GRPO", "MAR base (warm start)", "MAR-GRPO plain", "MAR-GRPO"]
+    assert "**0.400 ± 0.000**" in rows["MAR base (warm start)"] and "55.0" in rows["MAR base (warm start)"]
+    assert "**0.100**" in rows["Base (warm start)"]  # the LLaDA base is not mixed with the MAR base
+    assert "**0.550 ± 0.071**" in rows["MAR-GRPO"] and "0.150 ± 0.071" in rows["MAR-GRPO"]  # Δ vs the MAR base
+    assert "65.0 ± 7.1" in rows["MAR-GRPO"]
+
+
+def test_stability_figures_by_hand():
+    assert stability.across_seed_spread([[0.0, 1.0], [2.0, 1.0]]) == pytest.approx(math.sqrt(2) / 2)
+    assert stability.step_jitter([0.0, 1.0, 0.0, 1.0]) == pytest.approx(math.sqrt(4 / 3) / math.sqrt(2))
+    assert stability.drift([1.0, 2.0, 3.0, 4.0]) == pytest.approx(2.5)
+    assert math.isnan(stability.step_jitter([1.0, 2.0])) and math.isnan(stability.across_seed_spread([[1.0]]))
+
+
+def test_stability_table_reads_tensorboard_curves_and_summaries(tmp_path):
+    study = tmp_path / "study_mar"
+    _run(study, "MAR-GRPO", 0, 0.40, 0.50, rewards=[0.1, 0.3, 0.2])
+    _run(study, "MAR-GRPO", 1, 0.40, 0.60, rewards=[0.3, 0.3, 0.4])
+    _run(study, "MAR-GRPO_plain", 0, 0.40, 0.30, rewards=[0.0, 0.5, 0.0])
+    for seed, (before, after) in enumerate([([1, 0], [1, 1]), ([0, 0], [1, 0])]):  # per-image validations
+        run = study / "MAR-GRPO" / f"seed{seed}"
+        for name, oks in (("val_start", before), ("val_end", after)):
+            rows = [{"key": f"p{i}", "image_index": 0, "tag": "single_object", "correct": bool(ok)}
+                    for i, ok in enumerate(oks)]
+            (run / f"{name}_images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = stability.method_stability(study, "MAR-GRPO")
+    # gain per seed: 1.0 - 0.5 and 0.5 - 0 -> mean 0.5; every resample keeps or loses both prompts together
+    assert s["gain_ci"][0] == pytest.approx(0.5) and 0.0 <= s["gain_ci"][1] <= 0.5 <= s["gain_ci"][2] <= 1.0
+    assert s["seeds"] == 2 and s["steps"] == 3
+    # per-step std over the 2 seeds: |a - b| / sqrt(2) -> (0.2, 0, 0.2) / sqrt(2), mean 0.0943
+    assert s["curve_spread"] == pytest.approx((0.2 + 0.0 + 0.2) / math.sqrt(2) / 3)
+    assert s["final_std"] == pytest.approx(0.1 / math.sqrt(2)) and s["final_range"] == pytest.approx(0.1)
+    assert s["delta_mean"] == pytest.approx(0.15)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{stability.START}\nold\n{stability.END}\nb\n")
+    table = stability.write_table(study, ["MAR-GRPO", "MAR-GRPO plain"], readme)
+    lines = [line for line in table.splitlines() if line.startswith("| MAR")]
+    assert [line.split(" | ")[0] for line in lines] == ["| MAR-GRPO", "| MAR-GRPO plain"]
+    assert "| 1 | 3 |" in lines[1] and lines[1].count("–") >= 3  # one seed: no spreads across seeds
+    assert readme.read_text().startswith("a\n") and "old" not in readme.read_text()
+
+
+def test_cosine_mask_rate_by_hand():
+    from htgrpo.algorithms.mar_pretrain import cosine_mask_rate
+
+    assert cosine_mask_rate(0.0, 121) == pytest.approx(1.0)
+    assert cosine_mask_rate(2 / 3, 121) == pytest.approx(0.5)
+    assert cosine_mask_rate(0.999999, 121) == pytest.approx(1 / 121)  # at least one masked token
