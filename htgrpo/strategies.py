@@ -318,12 +318,13 @@ class GRPOFSDPStrategy(FSDPStrategy):
 
 
 class GRPODeepSpeedStrategy(DeepSpeedStrategy):
-    """Lightning's DeepSpeed strategy with clipping that works under manual optimisation.
+    """Lightning's DeepSpeed strategy with clipping and gradient accumulation that work under manual optimisation.
 
     Lightning fills DeepSpeed's ``gradient_clipping`` from ``Trainer(gradient_clip_val)``, which manual optimisation
     must leave unset, so clipping was silently off. Here, for a module that clips itself (``max_grad_norm`` and
     manual optimisation), ``gradient_clipping`` is the module's ``max_grad_norm`` (0 = off) and the engine clips in
-    ``step()``. The frozen reference is kept out of the engine (ZeRO-3 would partition it), cast to the engine's
+    ``step()``; ``managed_gradient_accumulation: false`` makes the gradients of all backward passes before a
+    ``step()`` add up (DeepSpeed otherwise treats each backward as a complete micro-step). The frozen reference is kept out of the engine (ZeRO-3 would partition it), cast to the engine's
     compute dtype.
 
     Args:
@@ -372,6 +373,10 @@ class GRPODeepSpeedStrategy(DeepSpeedStrategy):
         module = self.lightning_module
         if module is not None and not module.automatic_optimization and hasattr(module, "max_grad_norm"):
             self.config["gradient_clipping"] = float(module.max_grad_norm)
+            # An update is several backward passes (micro-batches, MAR's AR steps) and then one step: with DeepSpeed's
+            # own counting (gradient_accumulation_steps = 1) every backward would be a boundary and ZeRO would keep
+            # only the last one's gradients. Unmanaged: backward() accumulates, step() is the boundary.
+            self.config["managed_gradient_accumulation"] = False
 
     def _setup_model_and_optimizer(self, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any = None) -> Any:
         import argparse

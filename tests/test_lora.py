@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 from pathlib import Path
 
 import lightning as L
@@ -120,6 +121,10 @@ def test_the_adapter_disabled_reference_equals_the_base_model_and_is_no_copy():
     assert (current - base).abs().max() > 1e-2  # adapters are back on outside the view
     module = HTGRPO(policy, brightness_reward, num_generations=4, beta=0.01)
     assert module.reference is not None
+    copied = pickle.loads(pickle.dumps(module))  # what ddp_spawn does: the view still points at the module's policy
+    assert copied.reference._policy is copied.policy
+    with torch.no_grad():
+        torch.testing.assert_close(copied.reference.image_logits(codes, prompt), base, rtol=0, atol=0)
     assert not any(k.startswith("reference.") for k in module.state_dict())  # nothing duplicated
     # full fine-tuning keeps the frozen copy
     full = HTGRPO(tiny(), brightness_reward, num_generations=4, beta=0.01)

@@ -169,6 +169,7 @@ def test_deepspeed_config_clips_at_max_grad_norm():
     _attach(strategy, module)
     config = deepspeed_config(strategy)
     assert config["gradient_clipping"] == 0.7
+    assert config["managed_gradient_accumulation"] is False  # several backward passes, then step() is the boundary
     assert config["zero_optimization"]["stage"] == 3
     # Lightning's own strategy takes it from Trainer(gradient_clip_val), which manual optimisation leaves unset:
     plain = DeepSpeedStrategy(stage=2, logging_batch_size_per_gpu=1)
@@ -226,11 +227,12 @@ def _same_updates(a: dict, b: dict, steps) -> None:
 
 def test_fsdp_one_rank_trains_like_single_device_and_resumes_from_a_sharded_folder(tmp_path, single_rank_group):
     torch.manual_seed(0)
-    plain = make_module(max_grad_norm=0.05)  # a tight clip: every update is clipped
+    # a tight clip (every update is clipped) and 3 backward passes per update (micro-batches of 3 of the 8 images)
+    plain = make_module(max_grad_norm=0.05, micro_batch_size=3)
     _, ref = fit(plain, tmp_path / "plain", 3)
 
     torch.manual_seed(0)
-    module = make_module(max_grad_norm=0.05)
+    module = make_module(max_grad_norm=0.05, micro_batch_size=3)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="step{step:06d}", auto_insert_metric_name=False,
                            every_n_train_steps=3, save_top_k=-1)
     trainer, full = fit(module, tmp_path / "fsdp", 3, strategy=GRPOFSDPStrategy(), callbacks=[ckpt])
@@ -256,7 +258,7 @@ def test_fsdp_one_rank_trains_like_single_device_and_resumes_from_a_sharded_fold
         read_policy_weights(last, build_masked_diffusion_policy(WORLD, d_model=16, n_layers=1, n_heads=2))
 
     torch.manual_seed(0)
-    resumed = make_module(max_grad_norm=0.05)
+    resumed = make_module(max_grad_norm=0.05, micro_batch_size=3)
     _, tail = fit(resumed, tmp_path / "resumed", 3, strategy=GRPOFSDPStrategy(), ckpt_path=str(folder))
     assert sorted(tail) == [1, 2]
     _same_updates(full, tail, [1, 2])  # resume through the sharded folder continues with identical losses
@@ -266,12 +268,13 @@ def test_fsdp_one_rank_trains_like_single_device_and_resumes_from_a_sharded_fold
 def test_deepspeed_cpu_clips_like_single_device_and_its_folder_resumes_and_evaluates(tmp_path, single_rank_group,
                                                                                      stage):
     pytest.importorskip("deepspeed")
+    # micro_batch_size=3: each update is 3 backward passes (8 images) before one step; their gradients must add up
     torch.manual_seed(0)
     plain_log = UpdateLog(keep_weights=True)
-    _, ref = fit(make_module(max_grad_norm=0.05), tmp_path / "plain", 3, log=plain_log)
+    _, ref = fit(make_module(max_grad_norm=0.05, micro_batch_size=3), tmp_path / "plain", 3, log=plain_log)
 
     torch.manual_seed(0)
-    module = make_module(max_grad_norm=0.05)
+    module = make_module(max_grad_norm=0.05, micro_batch_size=3)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="step{step:06d}", auto_insert_metric_name=False,
                            every_n_train_steps=3, save_top_k=-1)
     trainer, full = fit(module, tmp_path / "ds", 2, strategy=GRPODeepSpeedStrategy(stage=stage, allow_cpu=True),
@@ -288,7 +291,7 @@ def test_deepspeed_cpu_clips_like_single_device_and_its_folder_resumes_and_evalu
         assert torch.allclose(weights[k], v, atol=1e-6), k
 
     torch.manual_seed(0)
-    resumed = make_module(max_grad_norm=0.05)
+    resumed = make_module(max_grad_norm=0.05, micro_batch_size=3)
     _, tail = fit(resumed, tmp_path / "resumed", 3, strategy=GRPODeepSpeedStrategy(stage=stage, allow_cpu=True),
                   ckpt_path=str(tmp_path / "ckpt" / "step000003.ckpt"))
     assert sorted(tail) == [1, 2]

@@ -168,7 +168,10 @@ class AdapterDisabledView:
         object.__setattr__(self, "_policy", policy)
 
     def __getattr__(self, name: str) -> Any:
-        value = getattr(self._policy, name)
+        policy = self.__dict__.get("_policy")
+        if policy is None:  # while unpickling (ddp_spawn), before __dict__ is restored
+            raise AttributeError(name)
+        value = getattr(policy, name)
         if not callable(value) or isinstance(value, nn.Module):
             return value
 
