@@ -9,8 +9,10 @@ strategy        clip-and-step
 ==============  ===========================================================================================
 single / DDP    ‖g‖ over the local gradients (DDP has all-reduced them: every rank holds the global mean
                 gradient), then ``clip_gradients`` through the precision plugin, then ``optimizer.step()``.
-FSDP            ``FullyShardedDataParallel.clip_grad_norm_`` on the root module: the norm over every rank's
-                shards (``torch.nn.utils.clip_grad_norm_`` would see only the local shard).
+FSDP            (:class:`GRPOFSDPStrategy`: the policy's blocks are FSDP units, the rest replicated) the replicated
+                gradients are averaged over the ranks, then ‖g‖² = Σ_ranks ‖local shards‖² + ‖replicated‖²
+                (what ``FullyShardedDataParallel.clip_grad_norm_`` computes; a plain ``clip_grad_norm_`` would
+                see only the local shard), the same clip rule, then ``optimizer.step()``.
 DeepSpeed       the engine clips inside ``engine.step()`` with its config's ``gradient_clipping`` (which
                 :class:`GRPODeepSpeedStrategy` sets to ``algorithm.max_grad_norm``); the norm is the engine's
                 ``get_global_grad_norm()`` (ZeRO frees ``p.grad``, so reading it would give 0).
@@ -44,6 +46,8 @@ log = logging.getLogger("htgrpo.strategies")
 
 #: ``trainer.strategy.wrap_modules`` value that wraps the classes the policy lists in ``_no_split_modules``.
 AUTO_WRAP = "auto"
+#: ``trainer.strategy.sharding_strategy`` values of :class:`GRPOFSDPStrategy`.
+FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 
 
 # ======================================================================================================================
@@ -179,7 +183,8 @@ class GRPOFSDPStrategy(FSDPStrategy):
             names; each such submodule is sharded as one FSDP unit.
         state_dict_type: ``sharded`` (a checkpoint folder, each rank writing its shards: torch distributed
             checkpoint) or ``full`` (rank 0 writes one ``.ckpt`` file).
-        sharding_strategy: ``FULL_SHARD`` (ZeRO-3-like), ``SHARD_GRAD_OP`` (ZeRO-2-like), ``NO_SHARD``.
+        sharding_strategy: ``FULL_SHARD`` (ZeRO-3-like), ``SHARD_GRAD_OP`` (ZeRO-2-like), ``NO_SHARD`` (each unit is
+            its own FSDP root, so a hybrid strategy would make process groups per unit: not offered).
         use_orig_params: keep the original parameters visible (the optimiser and the clip read them; needed when
             frozen and trainable parameters share a unit: LoRA).
         **kwargs: passed to Lightning's ``FSDPStrategy`` (``cpu_offload``, ``process_group_backend``, ...).
@@ -189,6 +194,8 @@ class GRPOFSDPStrategy(FSDPStrategy):
                  sharding_strategy: str = "FULL_SHARD", use_orig_params: bool = True, **kwargs: Any):
         if state_dict_type not in ("sharded", "full"):
             raise ConfigError("state_dict_type", f"must be 'sharded' or 'full', got {state_dict_type!r}")
+        if str(sharding_strategy) not in FSDP_SHARDING:
+            raise ConfigError("sharding_strategy", f"must be one of {list(FSDP_SHARDING)}, got {sharding_strategy!r}")
         if not (wrap_modules == AUTO_WRAP or (isinstance(wrap_modules, Sequence) and not isinstance(wrap_modules, str))):
             raise ConfigError("wrap_modules", f"must be {AUTO_WRAP!r} or a list of module class names, got "
                                               f"{wrap_modules!r}")
@@ -215,7 +222,17 @@ class GRPOFSDPStrategy(FSDPStrategy):
         # The frozen reference runs under the precision plugin's autocast: with mixed precision its copy is kept in the
         # half dtype (half the memory of an fp32 replica).
         half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(self.precision_plugin.precision))
+        if getattr(model, "automatic_optimization", False):
+            raise ConfigError("trainer", "trainer=fsdp / fsdp_cpu trains the RL modules (manual optimisation: "
+                                         "algorithm=ht_grpo / mar_grpo); train the warm start with trainer=ddp or "
+                                         "trainer=deepspeed_zero2")
         keep_out_of_strategy(model, self.root_device, dtype=half)
+        already = [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
+        if already:  # set up before (a validation before fit): the units are wrapped already
+            self.sharded_units = already
+            sharded = {id(p) for u in already for p in u.parameters()}
+            self.replicated_params = [p for p in model.parameters() if id(p) not in sharded]
+            return model
         classes = resolve_wrap_classes(model, self.wrap_modules)
         # Lightning passes device_id=root_device.index (None on CPU), which FSDP rejects without an accelerator;
         # an explicit CPU device makes FSDP run over gloo (tests, debugging).
@@ -350,6 +367,17 @@ class GRPODeepSpeedStrategy(DeepSpeedStrategy):
             plugin = _PromptBatchDeepSpeedPrecision(plugin.precision)
         DeepSpeedStrategy.precision_plugin.fset(self, plugin)
 
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # ZeRO-3 here: the gradients of several backward passes before one step() did not add up (measured with
+        # DeepSpeed 0.19 on its CPU accelerator: the first update's norm came out 5.7x too small), so a second backward
+        # pass before a step is refused rather than trained on silently.
+        self._backwards_since_step = getattr(self, "_backwards_since_step", 0) + 1
+        if self.zero_stage_3 and self._backwards_since_step > 1:
+            raise RuntimeError(
+                "trainer=deepspeed_zero3 takes one backward pass per optimiser step: set algorithm.micro_batch_size=null"
+                " (HT-GRPO), or use trainer=fsdp or trainer=deepspeed_zero2 (MAR-GRPO runs one backward per AR step)")
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
     def setup_environment(self) -> None:
         from lightning.pytorch.accelerators import CUDAAccelerator
 
@@ -384,10 +412,8 @@ class GRPODeepSpeedStrategy(DeepSpeedStrategy):
         import deepspeed
 
         moved = keep_out_of_strategy(model, self.root_device)
-        # (Lightning's own call passes device_rank=root_device.index, which is None on CPU.)
-        device_rank = self.root_device.index if self.root_device.type != "cpu" else self.local_rank
         engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=device_rank), config=self.config, model=model,
+            args=argparse.Namespace(device_rank=self._device_rank()), config=self.config, model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
             lr_scheduler=lr_scheduler, dist_init_required=False)
         dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
@@ -395,6 +421,29 @@ class GRPODeepSpeedStrategy(DeepSpeedStrategy):
             for name, child in moved.items():
                 object.__setattr__(model, name, child.to(dtype))
         return engine, deepspeed_optimizer
+
+
+    def _device_rank(self) -> int | None:
+        # (Lightning passes device_rank=root_device.index, which is None on CPU; DeepSpeed needs the local rank.)
+        return self.root_device.index if self.root_device.type != "cpu" else self.local_rank
+
+    def _initialize_deepspeed_inference(self, model: torch.nn.Module) -> None:
+        """The engine of a validation run before fit (``validate_at_start``): Lightning's, with the reference kept
+        out of it as in training, and the CPU device rank."""
+        import argparse
+
+        import deepspeed
+        from lightning.pytorch.strategies.deepspeed import remove_module_hooks
+
+        keep_out_of_strategy(model, self.root_device)
+        config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1}
+        config.update({k: self.config[k] for k in ("fp16", "bf16") if k in self.config})
+        if self.zero_stage_3:
+            config.update({k: self.config[k] for k in ("zero_allow_untested_optimizer", "zero_optimization")})
+        remove_module_hooks(model)
+        self.model, _, _, _ = deepspeed.initialize(args=argparse.Namespace(device_rank=self._device_rank()),
+                                                   config=config, model=model, optimizer=None, lr_scheduler=None,
+                                                   model_parameters=[], dist_init_required=False)
 
 
 def deepspeed_config(strategy: DeepSpeedStrategy) -> dict[str, Any]:
@@ -434,6 +483,7 @@ def clip_and_step(module: Any, optimizer: Any, max_grad_norm: float) -> float:
                 f"DeepSpeed clips at gradient_clipping={clipping} but algorithm.max_grad_norm={max_grad_norm}: use "
                 "trainer=deepspeed_zero2 / deepspeed_zero3 (htgrpo.strategies.GRPODeepSpeedStrategy), which sets it")
         optimizer.step()  # engine.step(): clip by gradient_clipping, optimiser step, zero grads
+        strategy._backwards_since_step = 0
         norm = engine.get_global_grad_norm()
         return math.nan if norm is None else float(norm)
     if isinstance(strategy, GRPOFSDPStrategy):

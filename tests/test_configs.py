@@ -52,7 +52,7 @@ def test_experiment_composes_and_instantiates(experiment, compose, tmp_path):
 @pytest.mark.parametrize("config_name", ["fit", "evaluate"])
 def test_default_configs_compose(config_name, compose):
     cfg = compose(config_name)
-    assert cfg.world.grid_size == 16
+    assert cfg.world.grid_size == 11  # conf/world/shapes.yaml (issue 13 redesign)
     assert cfg.benchmark.images_per_prompt == 4
 
 
@@ -111,7 +111,9 @@ def test_official_prompt_sets_load_from_a_given_path(compose, tmp_path, shared_d
 
 
 def test_missing_warm_start_names_the_key_and_the_fix(compose, tmp_path):
-    cfg = _tmp_paths(compose("fit", ["experiment=shapes_ht", *TINY]), tmp_path)
+    # (the default warm start ships in the package: point the key at a folder that is not there)
+    cfg = _tmp_paths(compose("fit", ["experiment=shapes_ht", *TINY, f"policy.pretrained_path={tmp_path / 'missing'}"]),
+                     tmp_path)
     with pytest.raises(ConfigError) as err:
         instantiate_node(cfg, "policy")
     assert "policy.pretrained_path" in str(err.value)

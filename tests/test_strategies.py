@@ -7,10 +7,6 @@ rank; the two-rank FSDP run (sharding for real, resume through a sharded folder,
 from __future__ import annotations
 
 import csv
-import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -35,7 +31,6 @@ from htgrpo.strategies import (
     read_policy_weights,
     resolve_wrap_classes,
 )
-from conftest import REPO_ROOT
 from test_cli import run_cli
 from test_ht_grpo import WORLD, make_module, tiny_policy
 
@@ -99,6 +94,8 @@ def test_wrap_classes_are_the_llada_blocks_and_unknown_names_fail_listing_what_e
     assert err.value.key == "trainer.strategy.wrap_modules" and "LLaDABlock" in err.value.message
     with pytest.raises(ConfigError):
         GRPOFSDPStrategy(state_dict_type="local")
+    with pytest.raises(ConfigError, match="sharding_strategy"):
+        GRPOFSDPStrategy(sharding_strategy="HYBRID_SHARD")
 
 
 def test_reference_is_kept_out_of_the_sharded_tree():
@@ -264,17 +261,18 @@ def test_fsdp_one_rank_trains_like_single_device_and_resumes_from_a_sharded_fold
     _same_updates(full, tail, [1, 2])  # resume through the sharded folder continues with identical losses
 
 
-@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("stage, micro_batch_size", [(2, 3), pytest.param(3, None, marks=pytest.mark.slow)])
 def test_deepspeed_cpu_clips_like_single_device_and_its_folder_resumes_and_evaluates(tmp_path, single_rank_group,
-                                                                                     stage):
+                                                                                     stage, micro_batch_size):
     pytest.importorskip("deepspeed")
-    # micro_batch_size=3: each update is 3 backward passes (8 images) before one step; their gradients must add up
+    # ZeRO-2 with micro_batch_size=3: each update is 3 backward passes (8 images) before one step; their gradients
+    # must add up. ZeRO-3 takes one backward pass per step (the next test).
     torch.manual_seed(0)
     plain_log = UpdateLog(keep_weights=True)
-    _, ref = fit(make_module(max_grad_norm=0.05, micro_batch_size=3), tmp_path / "plain", 3, log=plain_log)
+    _, ref = fit(make_module(max_grad_norm=0.05, micro_batch_size=micro_batch_size), tmp_path / "plain", 3, log=plain_log)
 
     torch.manual_seed(0)
-    module = make_module(max_grad_norm=0.05, micro_batch_size=3)
+    module = make_module(max_grad_norm=0.05, micro_batch_size=micro_batch_size)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="step{step:06d}", auto_insert_metric_name=False,
                            every_n_train_steps=3, save_top_k=-1)
     trainer, full = fit(module, tmp_path / "ds", 2, strategy=GRPODeepSpeedStrategy(stage=stage, allow_cpu=True),
@@ -291,11 +289,44 @@ def test_deepspeed_cpu_clips_like_single_device_and_its_folder_resumes_and_evalu
         assert torch.allclose(weights[k], v, atol=1e-6), k
 
     torch.manual_seed(0)
-    resumed = make_module(max_grad_norm=0.05, micro_batch_size=3)
+    resumed = make_module(max_grad_norm=0.05, micro_batch_size=micro_batch_size)
     _, tail = fit(resumed, tmp_path / "resumed", 3, strategy=GRPODeepSpeedStrategy(stage=stage, allow_cpu=True),
                   ckpt_path=str(tmp_path / "ckpt" / "step000003.ckpt"))
     assert sorted(tail) == [1, 2]
     _same_updates(ref, tail, [1, 2])  # resume through the DeepSpeed folder continues with identical losses
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_refuses_a_second_backward_pass_before_a_step(tmp_path, single_rank_group):
+    pytest.importorskip("deepspeed")
+    with pytest.raises(RuntimeError, match="deepspeed_zero3 takes one backward pass per optimiser step"):
+        fit(make_module(micro_batch_size=3), tmp_path, 1, strategy=GRPODeepSpeedStrategy(stage=3, allow_cpu=True))
+
+
+def test_mar_grpo_trains_the_same_under_fsdp_and_deepspeed(tmp_path, single_rank_group):
+    """MAR-GRPO runs one backward pass per trained AR step before its one step per update: the gradients must add
+    up (FSDP's replicated parameters; DeepSpeed's unmanaged accumulation) and clip as on one device."""
+    pytest.importorskip("deepspeed")
+    import test_mar_grpo as mar_tests
+
+    runs = {}
+    for name, strategy in (("single", "auto"), ("fsdp", GRPOFSDPStrategy()),
+                           ("zero2", GRPODeepSpeedStrategy(stage=2, allow_cpu=True))):
+        torch.manual_seed(0)
+        log = UpdateLog()
+        module = mar_tests.make_module(max_grad_norm=0.05)
+        data = PromptDataModule(ShapesPromptStream(mar_tests.WORLD, seed=5), batch_size=2)
+        trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False, callbacks=[log],
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=str(tmp_path / name), accelerator="cpu", devices=1, strategy=strategy,
+                            use_distributed_sampler=False)
+        trainer.fit(module, datamodule=data)
+        runs[name] = log.steps
+    assert all(g > 0.05 for step in runs["single"].values() for _, g in step)  # every update clipped
+    for name in ("fsdp", "zero2"):
+        for step in (0, 1):
+            for (la, ga), (lb, gb) in zip(runs["single"][step], runs[name][step]):
+                assert lb == pytest.approx(la, rel=1e-4, abs=1e-7) and gb == pytest.approx(ga, rel=1e-4), (name, step)
 
 
 # ----------------------------------------------------------------------------------------------------------------

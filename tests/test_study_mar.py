@@ -9,6 +9,7 @@ import math
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT
 
@@ -106,3 +107,25 @@ def test_cosine_mask_rate_by_hand():
     assert cosine_mask_rate(0.0, 121) == pytest.approx(1.0)
     assert cosine_mask_rate(2 / 3, 121) == pytest.approx(0.5)
     assert cosine_mask_rate(0.999999, 121) == pytest.approx(1 / 121)  # at least one masked token
+
+
+def test_mar_warm_start_mask_schedule_key(tmp_path):
+    from htgrpo.algorithms.mar_pretrain import MARPretraining
+    from htgrpo.config import ConfigError
+    from htgrpo.data.shapes.palette import ShapesWorldConfig
+    from htgrpo.policies.mar.sampling import MARSamplerSettings
+    from htgrpo.policies.mar.shapes import ShapesMARPolicy
+
+    world = ShapesWorldConfig(grid_size=8, cell_px=2, min_object_size=4, max_object_size=4, small_size=4,
+                              large_size=4)
+    policy = ShapesMARPolicy.toy(world, d_model=16, n_layers=1, n_heads=2, buffer_size=4, text_max_len=4,
+                                 text_width=16, text_heads=2, head_width=16, head_depth=1)
+    with pytest.raises(ConfigError, match="mask_schedule"):
+        MARPretraining(policy, sampler=MARSamplerSettings(), mask_schedule="linear")
+    module = MARPretraining(policy, sampler=MARSamplerSettings(), mask_schedule="cosine")
+    rates = [module.draw_mask_rate() for _ in range(200)]
+    assert min(rates) >= 1 / 64 and max(rates) <= 1.0 and min(rates) < 0.3  # low rates MAR's draw never gives
+    assert MARPretraining(policy, sampler=MARSamplerSettings()).draw_mask_rate() is None  # LTH14's own draw
+    tokens = torch.zeros(2, 64, 3)
+    out = policy.training_loss(tokens, policy.encode_prompts(["a red circle", "two squares"]), mask_rate=0.25)
+    assert out.mask_ratio == pytest.approx(16 / 64)

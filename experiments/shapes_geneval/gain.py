@@ -7,8 +7,8 @@ training (``val_start_images.jsonl`` / ``val_end_images.jsonl``, written by ``ht
 * per seed: overall before, after, gain; the mean rollout reward of the first and last third of training;
 * the mean gain over seeds with a 95% paired bootstrap interval: each of ``--resamples`` draws resamples the
   validation prompts with replacement within each GenEval task (the same draw for before/after and for every seed,
-  so the pairing is kept), recomputes GenEval's overall (mean of the task means) and averages the gain over seeds;
-  the interval is the 2.5% and 97.5% quantiles of those means.
+  so the pairing is kept), recomputes GenEval's overall (mean of the task means) per seed, and averages the gains
+  of a resample (with replacement) of the seeds; the interval is the 2.5% and 97.5% quantiles of those means.
 
     python experiments/shapes_geneval/gain.py --seeds 0 1 2            # runs what is missing, writes logs/gain/gain.md
     python experiments/shapes_geneval/gain.py --seeds 0 1 2 -- trainer.limit_train_batches=60   # extra fit overrides
@@ -52,7 +52,8 @@ def per_prompt(rows: dict[tuple[str, int], tuple[str, bool]], keys_by_task: dict
 
 def bootstrap_gain(starts: list[dict], ends: list[dict], keys_by_task: dict[str, list[str]], resamples: int,
                    seed: int = 0) -> tuple[float, float, float]:
-    """Mean gain over seeds and its 95% percentile interval under a task-stratified paired prompt bootstrap."""
+    """Mean gain over seeds and its 95% percentile interval under a bootstrap of the seeds and, within each task,
+    of the validation prompts (paired: one prompt draw serves before and after of every seed)."""
     rng = np.random.default_rng(seed)
     ones = {t: np.ones(len(k)) for t, k in keys_by_task.items()}
     point = float(np.mean([overall(e, ones) - overall(s, ones) for s, e in zip(starts, ends)]))
@@ -61,7 +62,8 @@ def bootstrap_gain(starts: list[dict], ends: list[dict], keys_by_task: dict[str,
         # multiplicities of each prompt in a resample of its task's prompts
         w = {t: np.bincount(rng.integers(0, len(k), len(k)), minlength=len(k)).astype(float)
              for t, k in keys_by_task.items()}
-        draws[i] = np.mean([overall(e, w) - overall(s, w) for s, e in zip(starts, ends)])
+        gains = [overall(e, w) - overall(s, w) for s, e in zip(starts, ends)]
+        draws[i] = np.mean([gains[j] for j in rng.integers(0, len(gains), len(gains))])  # seeds resampled too
     lo, hi = np.quantile(draws, [0.025, 0.975])
     return point, float(lo), float(hi)
 
@@ -114,7 +116,7 @@ def main() -> None:
         *lines,
         "",
         f"mean gain {point:+.3f}, 95% bootstrap interval [{lo:+.3f}, {hi:+.3f}] "
-        f"({args.resamples} task-stratified paired resamples of the validation prompts)",
+        f"({args.resamples} resamples of the seeds and, within each task, of the validation prompts; paired)",
     ])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gain.md").write_text(table + "\n")

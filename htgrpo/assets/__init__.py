@@ -15,10 +15,10 @@ from pathlib import Path
 ASSETS_DIR = Path(__file__).resolve().parent
 
 
-def asset_path(name: str) -> str:
+def asset_path(name: str, must_exist: bool = True) -> str:
     """Absolute path of the shipped asset ``name`` (a file or folder under ``htgrpo/assets``)."""
     path = ASSETS_DIR / str(name)
-    if not path.exists():
+    if must_exist and not path.exists():
         available = sorted(p.name for p in ASSETS_DIR.iterdir() if not p.name.startswith(("_", ".")))
         raise FileNotFoundError(f"no shipped asset {name!r} in {ASSETS_DIR}; available: {available}")
     return str(path)
@@ -29,7 +29,8 @@ def register_resolver() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("htgrpo_asset"):
-        OmegaConf.register_new_resolver("htgrpo_asset", asset_path)
+        # Resolving never fails: a missing asset is reported by whoever loads it, naming its config key.
+        OmegaConf.register_new_resolver("htgrpo_asset", lambda name: asset_path(name, must_exist=False))
 
 
 register_resolver()
