@@ -66,6 +66,24 @@ def test_table_merges_the_llada_and_mar_study_folders(tmp_path):
     assert "65.0 ± 7.1" in rows["MAR-GRPO"]
 
 
+def test_mar_rows_get_their_own_table_and_leave_the_other_one_alone(tmp_path):
+    mar = tmp_path / "study_mar"
+    _run(mar, "MAR-GRPO", 0, 0.40, 0.50)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{make_table.START}\nLLaDA rows\n{make_table.END}\nx\n{make_table.MAR_START}\nold\n"
+                      f"{make_table.MAR_END}\n")
+    make_table.write_table([mar], readme)
+    text = readme.read_text()
+    assert "LLaDA rows" in text and "old" not in text  # only the MAR table was rewritten
+    mar_part = text.split(make_table.MAR_START)[1]
+    assert "| MAR base (warm start) |" in mar_part and "| MAR-GRPO |" in mar_part
+    llada = tmp_path / "study"
+    _run(llada, "HT-GRPO", 0, 0.10, 0.30)
+    make_table.write_table([llada, mar], readme)
+    main_part = readme.read_text().split(make_table.START)[1].split(make_table.END)[0]
+    assert "| HT-GRPO |" in main_part and "MAR" not in main_part
+
+
 def test_stability_figures_by_hand():
     assert stability.across_seed_spread([[0.0, 1.0], [2.0, 1.0]]) == pytest.approx(math.sqrt(2) / 2)
     assert stability.step_jitter([0.0, 1.0, 0.0, 1.0]) == pytest.approx(math.sqrt(4 / 3) / math.sqrt(2))

@@ -25,6 +25,7 @@ TASKS = ["single_object", "two_object", "counting", "colors", "position", "color
 ORDER = ["Base (warm start)", "GRPO", "UniGRPO", "MaskGRPO", "TraceRL-style", "d1", "Coupled-GRPO", "HT-GRPO",
          "MAR base (warm start)", "MAR-GRPO plain", "MAR-GRPO"]
 START, END = "<!-- study-table:start -->", "<!-- study-table:end -->"
+MAR_START, MAR_END = "<!-- mar-study-table:start -->", "<!-- mar-study-table:end -->"  # optional: the MAR rows
 
 
 def _load(path: Path) -> dict | None:
@@ -103,14 +104,32 @@ def write_table(study: Path | list[Path], readme: Path) -> str:
     if not studies or not all(s.is_dir() for s in studies):
         raise SystemExit(f"{[str(s) for s in studies]}: no study runs (run experiments/shapes_geneval/run_study.py "
                          "first)")
-    text = render(collect(studies))
+    table = collect(studies)
     doc = readme.read_text() if readme.exists() else f"{START}\n{END}\n"
     if START not in doc or END not in doc:
         raise SystemExit(f"{readme}: missing the {START} / {END} markers")
-    before, rest = doc.split(START, 1)
-    _, after = rest.split(END, 1)
-    readme.write_text(f"{before}{START}\n{text}\n{END}{after}")
+    if MAR_START in doc and MAR_END in doc:
+        # The MAR rows have their own table (their own warm start and study folder): each table is rewritten only
+        # from the logs that are present, so regenerating one family never erases the other's rows.
+        mar = {m: cols for m, cols in table.items() if m.startswith("MAR")}
+        rest = {m: cols for m, cols in table.items() if not m.startswith("MAR")}
+        texts = []
+        for rows, (start, end) in ((rest, (START, END)), (mar, (MAR_START, MAR_END))):
+            if rows:
+                text = render(rows)
+                doc = _replace_between(doc, start, end, text)
+                texts.append(text)
+        readme.write_text(doc)
+        return "\n\n".join(texts)
+    text = render(table)
+    readme.write_text(_replace_between(doc, START, END, text))
     return text
+
+
+def _replace_between(doc: str, start: str, end: str, text: str) -> str:
+    before, rest = doc.split(start, 1)
+    _, after = rest.split(end, 1)
+    return f"{before}{start}\n{text}\n{end}{after}"
 
 
 def main(argv: list[str] | None = None) -> int:
