@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
+
+T = TypeVar("T")
 
 
 def config_dir() -> str:
@@ -32,3 +37,15 @@ def available_options(group: str) -> list[str]:
 def plain(cfg: DictConfig) -> dict:
     """A resolved plain-dict copy of ``cfg`` (for logging)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def run_or_exit_on_config_error(run: Callable[[DictConfig], T], cfg: DictConfig, log: logging.Logger) -> T:
+    """``run(cfg)``; a :class:`~htgrpo.config.ConfigError` is logged and ends the process with
+    ``Configuration error: <key>: <message>`` (no traceback: the message names the key to fix)."""
+    from htgrpo.config import ConfigError
+
+    try:
+        return run(cfg)
+    except ConfigError as err:
+        log.error("configuration error: %s", err)
+        raise SystemExit(f"Configuration error: {err}") from None

@@ -26,7 +26,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from htgrpo._hydra import config_dir
+from htgrpo._hydra import config_dir, run_or_exit_on_config_error
 from htgrpo.config import ConfigError, instantiate_node, require, require_choice
 from htgrpo.data.records import BenchmarkPrompt
 
@@ -148,11 +148,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="generate")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except ConfigError as err:
-        log.error("configuration error: %s", err)
-        raise SystemExit(f"Configuration error: {err}") from None
+    run_or_exit_on_config_error(run, cfg, log)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from htgrpo._hydra import config_dir
-from htgrpo.config import ConfigError, instantiate_node, require
+from htgrpo._hydra import config_dir, run_or_exit_on_config_error
+from htgrpo.config import instantiate_node, require
 from htgrpo.rewards.base import safe_score
 from htgrpo.rewards.remote import TOKEN_ENV, ProtocolError, output_to_json, parse_request
 
@@ -81,11 +81,15 @@ class RewardServer:
                 self._send(401, {"error": "missing or wrong bearer token (header Authorization: Bearer TOKEN)"})
                 return False
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                if self.path.rstrip("/") != "/health":
+            def _known_and_authorised(self, path: str) -> bool:
+                """404 unless the request is for ``path``, then 401 unless it carries the token; True if neither."""
+                if self.path.rstrip("/") != path:
                     self._send(404, {"error": f"unknown path {self.path}; use GET /health or POST /score"})
-                    return
-                if not self._authorised():
+                    return False
+                return self._authorised()
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if not self._known_and_authorised("/health"):
                     return
                 if server.reward is None:
                     self._send(503, {"status": "loading"})
@@ -107,10 +111,7 @@ class RewardServer:
                     self._send(413, {"error": f"body of {length} bytes exceeds serve.max_body_mb"})
                     return
                 raw = self.rfile.read(length)
-                if self.path.rstrip("/") != "/score":
-                    self._send(404, {"error": f"unknown path {self.path}; use GET /health or POST /score"})
-                    return
-                if not self._authorised():
+                if not self._known_and_authorised("/score"):
                     return
                 if server.reward is None:
                     self._send(503, {"status": "loading"})
@@ -194,11 +195,7 @@ def run(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="serve")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except ConfigError as err:
-        log.error("configuration error: %s", err)
-        raise SystemExit(f"Configuration error: {err}") from None
+    run_or_exit_on_config_error(run, cfg, log)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,22 @@ class _PromptBatchDeepSpeedPrecision(DeepSpeedPrecision):
         return data if _is_prompt_batch(data) else super().convert_input(data)
 
 
+def _prompt_batch_precision_property(strategy_cls: type, plugin_cls: type, convert: Any) -> property:
+    """A ``precision_plugin`` property for a subclass of ``strategy_cls`` that swaps the plain ``plugin_cls`` that
+    Lightning's connector makes for ``convert(plugin)`` (one that passes prompt batches through); any other plugin
+    (a user's own) is kept as given."""
+
+    def fget(self: Any) -> Any:
+        return strategy_cls.precision_plugin.fget(self)
+
+    def fset(self: Any, plugin: Any) -> None:
+        if plugin is not None and type(plugin) is plugin_cls:  # the one Lightning's connector makes
+            plugin = convert(plugin)
+        strategy_cls.precision_plugin.fset(self, plugin)
+
+    return property(fget, fset)
+
+
 # ======================================================================================================================
 # FSDP
 # ======================================================================================================================
@@ -205,15 +221,8 @@ class GRPOFSDPStrategy(FSDPStrategy):
         self.sharded_units: list[torch.nn.Module] = []
         self.replicated_params: list[torch.nn.Parameter] = []
 
-    @property
-    def precision_plugin(self) -> FSDPPrecision:
-        return FSDPStrategy.precision_plugin.fget(self)
-
-    @precision_plugin.setter
-    def precision_plugin(self, plugin: FSDPPrecision | None) -> None:
-        if plugin is not None and type(plugin) is FSDPPrecision:  # the one Lightning's connector makes
-            plugin = _PromptBatchFSDPPrecision(plugin.precision, plugin.scaler)
-        FSDPStrategy.precision_plugin.fset(self, plugin)
+    precision_plugin = _prompt_batch_precision_property(
+        FSDPStrategy, FSDPPrecision, lambda plugin: _PromptBatchFSDPPrecision(plugin.precision, plugin.scaler))
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from lightning.fabric.strategies.fsdp import _move_torchmetrics_to_device
@@ -357,15 +366,8 @@ class GRPODeepSpeedStrategy(DeepSpeedStrategy):
         super().__init__(stage=int(stage), **kwargs)
         self.allow_cpu = bool(allow_cpu)
 
-    @property
-    def precision_plugin(self) -> DeepSpeedPrecision:
-        return DeepSpeedStrategy.precision_plugin.fget(self)
-
-    @precision_plugin.setter
-    def precision_plugin(self, plugin: DeepSpeedPrecision | None) -> None:
-        if plugin is not None and type(plugin) is DeepSpeedPrecision:  # the one Lightning's connector makes
-            plugin = _PromptBatchDeepSpeedPrecision(plugin.precision)
-        DeepSpeedStrategy.precision_plugin.fset(self, plugin)
+    precision_plugin = _prompt_batch_precision_property(
+        DeepSpeedStrategy, DeepSpeedPrecision, lambda plugin: _PromptBatchDeepSpeedPrecision(plugin.precision))
 
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         # ZeRO-3 here: the gradients of several backward passes before one step() did not add up (measured with

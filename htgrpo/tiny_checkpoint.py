@@ -89,6 +89,15 @@ def _write_backbone(directory: Path, text_vocab: int, codebook: int, extra: dict
     (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+LLADA_AUTO_MAP = {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM",
+                  "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"}
+"""``auto_map`` of both released config.json files: the checkpoint's own LLaDA modelling code."""
+
+LLADA_BLOCK_CONFIG = {"activation_type": "silu", "block_type": "llama", "layer_norm_type": "rms", "rope": True,
+                      "alibi": False, "include_bias": False, "weight_tying": False, "tie_word_embeddings": False}
+"""The LLaDA block settings MMaDA-8B and Lumina-DiMOO share (SwiGLU llama blocks, RMSNorm, RoPE, untied head)."""
+
+
 def write_tiny_mmada(directory: str | Path, seed: int = 0) -> str:
     """Tiny MMaDA-8B-format checkpoint in ``directory`` (MAGVIT-v2 in ``directory/magvitv2``); returns overrides."""
     from htgrpo.policies.image_tokenizers import write_tiny_magvit
@@ -105,9 +114,7 @@ def write_tiny_mmada(directory: str | Path, seed: int = 0) -> str:
     extra = {
         "model_type": "mmada",
         "architectures": ["MMadaModelLM"],
-        "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
-                     "AutoModel": "modeling_llada.LLaDAModelLM",
-                     "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
+        "auto_map": dict(LLADA_AUTO_MAP),
         "mask_token_id": vocab["<|mdm_mask|>"],
         "eos_token_id": vocab["<|endoftext|>"],
         "pad_token_id": vocab["<|endoftext|>"],
@@ -116,8 +123,7 @@ def write_tiny_mmada(directory: str | Path, seed: int = 0) -> str:
         "num_vq_tokens": 16,
         "llm_vocab_size": len(tok),
         "new_vocab_size": len(tok) + codebook,
-        "activation_type": "silu", "block_type": "llama", "layer_norm_type": "rms", "rope": True, "alibi": False,
-        "include_bias": False, "weight_tying": False, "tie_word_embeddings": False,
+        **LLADA_BLOCK_CONFIG,
     }
     _write_backbone(out, len(tok), codebook, extra, seed)
     return (f"policy=mmada policy.pretrained={out} policy.vq_model={vq_dir} policy.resolution=64 "
@@ -138,16 +144,13 @@ def write_tiny_dimoo(directory: str | Path, seed: int = 0) -> str:
     extra = {
         "model_type": "llada",
         "architectures": ["LLaDAForMultiModalGeneration"],
-        "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
-                     "AutoModel": "modeling_llada.LLaDAModelLM",
-                     "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
+        "auto_map": dict(LLADA_AUTO_MAP),
         "mask_token_id": vocab["<|mdm_mask|>"],
         "eos_token_id": vocab["<|endoftext|>"],
         "pad_token_id": vocab["<|pad|>"],
         # DiMOO's newline id (126084) has no token name we can rely on; the config carries the tiny one.
         "newline_token_id": vocab["<|newline|>"],
-        "activation_type": "silu", "block_type": "llama", "layer_norm_type": "rms", "rope": True, "alibi": False,
-        "include_bias": False, "weight_tying": False, "tie_word_embeddings": False,
+        **LLADA_BLOCK_CONFIG,
     }
     _write_backbone(out, len(tok), codebook, extra, seed)
     return (f"policy=dimoo policy.pretrained={out} policy.resolution=64 policy.max_text_len=48 "

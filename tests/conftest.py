@@ -20,6 +20,19 @@ def shared_data_dir() -> Path:
     return Path(os.environ.get("HTGRPO_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One torch thread for a whole test module: tiny tensors gain nothing from threads, and on a busy 2-core
+    machine OpenMP spin-waits cost more than they give. Use with
+    ``pytestmark = pytest.mark.usefixtures("single_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     path = shared_data_dir()

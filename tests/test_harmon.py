@@ -21,12 +21,7 @@ from htgrpo.policies.mar.sampling import sample_mar
 from htgrpo.policies.mar.vae import KLAutoencoder, KLVAEConfig, load_kl16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -69,10 +69,40 @@ def test_targets_lora_fits_one_80gb_gpu_with_micro_batch_3_and_full_ft_fits_8_gp
         m = M.estimate(setup, 3)
         assert m.reference == 0 and m.weights == 2 * M.MMADA_8B.params()  # bf16 frozen weights, no second copy
     full = replace(lora, lora_r=0, precision="bf16-mixed", gpus=8)
-    for strategy in ("fsdp", "deepspeed_zero3"):
-        assert M.max_micro_batch(replace(full, strategy=strategy, gradient_checkpointing=True), gpu) >= 3
-        assert M.fits(M.estimate(replace(full, strategy=strategy, micro_batch=1)), gpu)
+    fsdp = replace(full, strategy="fsdp")
+    # FSDP (blocks sharded, wte / LM head / norms replicated): micro-batch 3 fits with and without checkpointing
+    assert M.fits(M.estimate(replace(fsdp, gradient_checkpointing=False)), gpu)
+    assert M.max_micro_batch(fsdp, gpu) == 9
+    # ZeRO-3: one backward over all G = 9 images; fits with gradient checkpointing (the experiment's default) only
+    zero3 = replace(full, strategy="deepspeed_zero3")
+    assert M.estimate(zero3).micro_batch == 9 and M.fits(M.estimate(zero3), gpu)
+    assert not M.fits(M.estimate(replace(zero3, gradient_checkpointing=False)), gpu)
+    assert M.max_micro_batch(replace(zero3, gradient_checkpointing=False), gpu) < 9
     assert M.max_micro_batch(replace(full, strategy="ddp", gradient_checkpointing=True), gpu) == 0  # replicated
+
+
+def test_fsdp_replicates_what_is_outside_the_blocks_by_hand():
+    # D = 10, F = 30, L = 2, V = 50: block = 4·100 + 3·300 + 20 = 1320; outside = 2·50·10 + 10 = 1010; P = 3650
+    shape = M.ModelShape(d_model=10, n_layers=2, n_heads=2, mlp_hidden=30, embedding_rows=50, image_columns=20)
+    assert shape.block_params() == 1320 and shape.outside_block_params() == 1010 and shape.params() == 3650
+    setup = M.Setup(name="tiny", shape=shape, tokens=7, image_tokens=4, num_generations=3, prompts_per_step=2,
+                    inner_iterations=6, micro_batch=2, lora_r=0, gradient_checkpointing=False,
+                    precision="bf16-mixed", strategy="fsdp", gpus=4)
+    m = M.estimate(setup)
+    gathered = 2 * 2 * 1320  # current and prefetched block, bf16
+    assert m.weights == 4 * 2640 / 4 + 4 * 1010 + gathered == 11_960
+    assert m.gradients == 4 * 2640 / 4 + 4 * 1010 == 6_680
+    assert m.optimizer == 8 * 2640 / 4 + 8 * 1010 == 13_360
+    assert m.reference == 2 * 3650  # the frozen replica, cast to bf16 by keep_out_of_strategy
+    assert m.micro_batch == 2
+    # ZeRO-3 shards everything, but the update is one backward over the rollout batch (2 prompts · G = 3)
+    zero3 = replace(setup, strategy="deepspeed_zero3")
+    z = M.estimate(zero3)
+    assert (z.weights, z.gradients, z.optimizer) == (6 * 3650 / 4 + gathered, 4 * 3650 / 4, 8 * 3650 / 4)
+    assert z.micro_batch == 6 and z.activations == M.activation_bytes(setup, 6)
+    with pytest.raises(ValueError, match="micro_batch_size=null"):
+        M.estimate(zero3, 2)
+    assert M.estimate(replace(setup, strategy="ddp")).reference == 4 * 3650  # ddp keeps the fp32 copy
 
 
 def test_experiment_overrides_reach_the_setup():

@@ -9,6 +9,11 @@ For a named experiment (its G, K, micro-batch, LoRA and checkpointing settings a
 separate copy), LoRA adapters, gradients, optimiser state, and activations per update micro-batch (with and without
 gradient checkpointing), the total, and the largest update micro-batch that fits the GPU.
 
+Strategies are counted as ``htgrpo/strategies.py`` runs them (:func:`estimate`): ``fsdp`` shards the LLaDA blocks
+only (each an FSDP unit) and keeps the embedding, LM head and norms replicated with their gradients and optimiser
+state; ``deepspeed_zero3`` takes one backward pass per optimiser step, so its micro-batch is the whole rollout batch
+(:func:`update_micro_batch`); both keep the frozen reference as a replica in the compute dtype.
+
 What dominates is the autograd graph of the update forward (the rollout and the old/reference log-prob passes run
 without grad). The model counts, per LLaDA block and token, every tensor autograd saves for the backward pass
 (:func:`block_saved_bytes`, itemised in its docstring); it is checked against the measured peak of a real forward +
@@ -55,7 +60,13 @@ class ModelShape:
 
     def params(self) -> int:
         """L·block + 2·V·D (wte and LM head, untied) + D (ln_f)."""
-        return self.n_layers * self.block_params() + 2 * self.embedding_rows * self.d_model + self.d_model
+        return self.n_layers * self.block_params() + self.outside_block_params()
+
+    def outside_block_params(self) -> int:
+        """The parameters outside the LLaDA blocks: 2·V·D (wte and the LM head ``ff_out``, untied) + D (ln_f).
+
+        ``GRPOFSDPStrategy`` wraps each block as an FSDP unit and leaves these replicated on every rank."""
+        return 2 * self.embedding_rows * self.d_model + self.d_model
 
 
 MMADA_8B = ModelShape(d_model=4096, n_layers=32, n_heads=32, mlp_hidden=12288, embedding_rows=134656,
@@ -254,22 +265,49 @@ class MemoryBreakdown:
         return self.static + self.activations
 
 
+def rollout_batch(setup: Setup) -> int:
+    """Images one rank updates on per optimiser step: prompts per step (per device) · G."""
+    return setup.prompts_per_step * setup.num_generations
+
+
+def update_micro_batch(setup: Setup, micro_batch: int | None = None) -> int:
+    """The images of one update forward + backward.
+
+    ``deepspeed_zero3``: ``GRPODeepSpeedStrategy`` refuses a second backward pass before an optimiser step (under
+    ZeRO-3 the gradients of several backward passes did not add up), so an update is one backward over the whole
+    rollout batch (``algorithm.micro_batch_size=null``): always :func:`rollout_batch`, whatever the config's
+    micro-batch, and an explicit smaller ``micro_batch`` is refused. Otherwise ``micro_batch`` or the set-up's.
+    """
+    if setup.strategy == "deepspeed_zero3":
+        whole = rollout_batch(setup)
+        if micro_batch is not None and micro_batch != whole:
+            raise ValueError(f"deepspeed_zero3 takes one backward over the rollout batch ({whole} images, "
+                             f"algorithm.micro_batch_size=null); a micro-batch of {micro_batch} is not possible")
+        return whole
+    return setup.micro_batch if micro_batch is None else micro_batch
+
+
 def estimate(setup: Setup, micro_batch: int | None = None) -> MemoryBreakdown:
     """Per-GPU bytes of one HT-GRPO update (the step's peak) for ``setup``.
 
     LoRA (bf16-true): frozen weights 2·P on every GPU; adapters, their gradients 4·P_lora each, AdamW moments 8·P_lora;
     the reference is the same weights with adapters disabled (0 extra).
-    Full fine-tuning (bf16-mixed: fp32 master weights, bf16 compute), AdamW 8 bytes per parameter:
+    Full fine-tuning (bf16-mixed: fp32 master weights, bf16 compute), AdamW 8 bytes per parameter; P = P_b + P_o with
+    P_b the L blocks' parameters and P_o those outside them (wte, LM head, ln_f: 1.10 B of MMaDA-8B's 8.08 B):
       single/ddp: weights 4·P, grads 4·P, optimiser 8·P, all replicated;
-      fsdp (FULL_SHARD): 4·P/N + two gathered bf16 blocks (current and prefetched), grads 4·P/N, optimiser 8·P/N;
+      fsdp (``GRPOFSDPStrategy``, FULL_SHARD): only the blocks are FSDP units; the rest is replicated on every rank
+        with its gradients averaged over the ranks: weights 4·P_b/N + 4·P_o + two gathered bf16 blocks (current and
+        prefetched), grads 4·P_b/N + 4·P_o, optimiser 8·P_b/N + 8·P_o;
       deepspeed_zero2: bf16 weights 2·P replicated + fp32 master 4·P/N, grads 4·P/N, optimiser 8·P/N;
-      deepspeed_zero3: bf16 weights 2·P/N + master 4·P/N + two gathered blocks, grads 4·P/N, optimiser 8·P/N;
-      the reference (beta > 0) is a frozen deep copy of the starting policy in its fp32 weights, replicated on every
-      GPU (never sharded or wrapped): 4·P.
+      deepspeed_zero3: bf16 weights 2·P/N + master 4·P/N + two gathered blocks, grads 4·P/N, optimiser 8·P/N, and
+        the activations of the whole rollout batch (:func:`update_micro_batch`);
+      the reference (beta > 0) is a frozen deep copy of the starting policy, replicated on every GPU (never sharded
+      or wrapped): ``keep_out_of_strategy`` casts it to the compute dtype under fsdp and DeepSpeed with bf16-mixed
+      (2·P); single/ddp keep it in the policy's weight dtype (4·P with fp32 weights).
     """
     P = setup.shape.params()
     N = setup.gpus
-    b = setup.micro_batch if micro_batch is None else micro_batch
+    b = update_micro_batch(setup, micro_batch)
     acts = activation_bytes(setup, b)
     if setup.lora:
         Pl = lora_params(setup.shape, setup.lora_r, setup.lora_targets)
@@ -277,18 +315,22 @@ def estimate(setup: Setup, micro_batch: int | None = None) -> MemoryBreakdown:
         return MemoryBreakdown(weights=weight_bytes * P, reference=0.0, adapters=4 * Pl, gradients=4 * Pl,
                                optimizer=8 * Pl, activations=acts, micro_batch=b)
     gathered = 2 * 2 * setup.shape.block_params()
+    P_out = setup.shape.outside_block_params()
+    P_blocks = P - P_out
     strategy = setup.strategy
     if strategy in ("single", "ddp"):
         weights, grads, opt = 4 * P, 4 * P, 8 * P
     elif strategy == "fsdp":
-        weights, grads, opt = 4 * P / N + gathered, 4 * P / N, 8 * P / N
+        weights = 4 * P_blocks / N + 4 * P_out + gathered
+        grads, opt = 4 * P_blocks / N + 4 * P_out, 8 * P_blocks / N + 8 * P_out
     elif strategy == "deepspeed_zero2":
         weights, grads, opt = 2 * P + 4 * P / N, 4 * P / N, 8 * P / N
     elif strategy == "deepspeed_zero3":
         weights, grads, opt = 2 * P / N + 4 * P / N + gathered, 4 * P / N, 8 * P / N
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
-    reference = 4 * P if setup.beta > 0 else 0.0  # a frozen deep copy in the policy's (fp32) weight dtype
+    sharded_half = strategy != "single" and strategy != "ddp" and setup.precision == "bf16-mixed"
+    reference = (2 if sharded_half else 4) * P if setup.beta > 0 else 0.0
     return MemoryBreakdown(weights=weights, reference=reference, adapters=0.0, gradients=grads, optimizer=opt,
                            activations=acts, micro_batch=b)
 
@@ -302,10 +344,15 @@ def fits(breakdown: MemoryBreakdown, gpu_bytes: float) -> bool:
 
 
 def max_micro_batch(setup: Setup, gpu_bytes: float) -> int:
-    """Largest update micro-batch (at most the rollout batch, prompts · G) that fits ``gpu_bytes`` (0 if none)."""
+    """Largest update micro-batch (at most the rollout batch, prompts · G) that fits ``gpu_bytes`` (0 if none).
+
+    Under deepspeed_zero3 the micro-batch is the rollout batch itself, so this is the largest rollout batch per GPU
+    (prompts per step · G) whose one backward fits."""
     best = 0
-    for b in range(1, setup.prompts_per_step * setup.num_generations + 1):
-        if fits(estimate(setup, b), gpu_bytes):
+    for b in range(1, rollout_batch(setup) + 1):
+        # ZeRO-3: the same set-up with a rollout batch of b images (one prompt, G = b)
+        trial = replace(setup, prompts_per_step=1, num_generations=b) if setup.strategy == "deepspeed_zero3" else setup
+        if fits(estimate(trial, None if setup.strategy == "deepspeed_zero3" else b), gpu_bytes):
             best = b
     return best
 
@@ -498,6 +545,11 @@ def main(argv: list[str] | None = None) -> int:
     if changes.get("lora_r") == 0 and "precision" not in changes:
         changes["precision"] = "bf16-mixed"
     st = replace(st, **changes)
+    if st.strategy == "deepspeed_zero3" and args.micro_batch is not None:
+        try:
+            update_micro_batch(st, args.micro_batch)
+        except ValueError as e:
+            parser.error(f"--micro-batch: {e}")
     print(table([st, replace(st, gradient_checkpointing=not st.gradient_checkpointing)], args.gpu_gb * GB))
     return 0
 

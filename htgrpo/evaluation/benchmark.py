@@ -81,7 +81,7 @@ class Benchmark:
 
         Updates ``metric`` when given and returns one row per image (GenEval's per-image result format).
         """
-        if not self._prepared:  # e.g. the first validation of `fit`, which does not call prepare() itself
+        if not getattr(self, "_prepared", False):  # e.g. the first validation of `fit`, which does not call prepare() itself
             self.prepare()
         ipp = self.images_per_prompt
         if images.shape[0] != len(prompts) * ipp:

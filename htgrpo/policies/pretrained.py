@@ -305,6 +305,20 @@ def _load_backbone(pretrained: str, key: str, repo: str, dtype: torch.dtype) -> 
         raise ConfigError(key, str(err)) from None
 
 
+def _checkpoint_config(pretrained: str, repo: str, model_types: tuple[str, ...], family: str) -> dict:
+    """``pretrained``'s config.json, checked to be a ``family`` checkpoint (errors name ``policy.pretrained``)."""
+    config = read_checkpoint_config(pretrained, "pretrained", repo)
+    check_model_type(config, model_types, "pretrained", family)
+    return config
+
+
+def _grid_tokenizer(cls_path: str, path: str, key: str, subfolder: str | None, height: int, width: int,
+                    vq_device: str) -> GridImageTokenizer:
+    """The image tokenizer ``cls_path`` loaded from ``path[/subfolder]`` (errors name ``policy.<key>``), at a fixed
+    ``height`` x ``width`` grid, running on ``vq_device``."""
+    return GridImageTokenizer(_load_image_tokenizer(cls_path, path, key, subfolder), height, width, vq_device)
+
+
 def _finish(policy: MaskedDiffusionPolicy, lora: Any, gradient_checkpointing: bool) -> MaskedDiffusionPolicy:
     """Train mode (``from_pretrained`` returns eval mode, which would switch LoRA dropout off in the updates; the
     samplers and log-prob passes switch to eval themselves), then LoRA / gradient checkpointing through
@@ -353,14 +367,12 @@ def build_mmada_policy(
     require(int(max_text_len) >= 4, "max_text_len", f"must be >= 4, got {max_text_len}")
     torch_dtype = _dtype(dtype)
     pretrained = str(pretrained)
-    config = read_checkpoint_config(pretrained, "pretrained", MMADA_REPO)
-    check_model_type(config, MMADA_MODEL_TYPES, "pretrained", "mmada")
+    config = _checkpoint_config(pretrained, MMADA_REPO, MMADA_MODEL_TYPES, "mmada")
     # MMaDA tokenises the bare prompt; its layout writes <|t2i|> <bos> … <eos> itself.
     text_tok = _load_text_tokenizer(pretrained, "pretrained", MMADA_REPO, add_special_tokens=False)
     ids = resolve_special_ids(MMADA_SPECIALS, config, text_tok, special_tokens, "pretrained")
-    image_tok = _load_image_tokenizer("htgrpo.policies.image_tokenizers.MagvitImageTokenizer", str(vq_model),
-                                      "vq_model", None)
-    grid_tok = GridImageTokenizer(image_tok, height, width, vq_device)
+    grid_tok = _grid_tokenizer("htgrpo.policies.image_tokenizers.MagvitImageTokenizer", str(vq_model), "vq_model",
+                               None, height, width, vq_device)
     codebook = grid_tok.codebook_size
     if config.get("codebook_size") is not None:
         require(int(config["codebook_size"]) == codebook, "vq_model",
@@ -407,8 +419,7 @@ def build_dimoo_policy(
     require(int(max_text_len) >= 8, "max_text_len", f"must be >= 8, got {max_text_len}")
     torch_dtype = _dtype(dtype)
     pretrained = str(pretrained)
-    config = read_checkpoint_config(pretrained, "pretrained", DIMOO_REPO)
-    check_model_type(config, DIMOO_MODEL_TYPES, "pretrained", "dimoo")
+    config = _checkpoint_config(pretrained, DIMOO_REPO, DIMOO_MODEL_TYPES, "dimoo")
     text_tok = _load_text_tokenizer(pretrained, "pretrained", DIMOO_REPO, template=DIMOO_TEMPLATE,
                                     add_special_tokens=True)
     ids = resolve_special_ids(DIMOO_SPECIALS, config, text_tok, special_tokens, "pretrained")
@@ -420,9 +431,9 @@ def build_dimoo_policy(
     uncond = tuple(text_tok.token_ids(DIMOO_UNCOND_PROMPT))
     require(len(uncond) <= int(max_text_len), "max_text_len",
             f"must hold the {len(uncond)}-token unconditional prompt, got {max_text_len}")
-    image_tok = _load_image_tokenizer("htgrpo.policies.image_tokenizers.DiffusersVQImageTokenizer",
-                                      str(vq_model or pretrained), "vq_model" if vq_model else "pretrained", "vqvae")
-    grid_tok = GridImageTokenizer(image_tok, height, width, vq_device)
+    grid_tok = _grid_tokenizer("htgrpo.policies.image_tokenizers.DiffusersVQImageTokenizer",
+                               str(vq_model or pretrained), "vq_model" if vq_model else "pretrained", "vqvae",
+                               height, width, vq_device)
     codebook = grid_tok.codebook_size
     head_rows = int(config.get("embedding_size") or config.get("vocab_size") or 0)
     offset = head_rows - codebook  # released generate_image: text_vocab_size = logits width - codebook size

@@ -32,6 +32,26 @@ MASKED = -1
 """Image-code value meaning "still masked" in (B, N) code tensors."""
 
 
+def left_pad(rows: list[torch.Tensor], length: int, pad: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows, each right-aligned in a (B, length) tensor filled with ``pad``, and the attention mask (1 on the
+    rows' tokens, 0 on the pads); long tensors on ``like``'s device. Every row must hold at most ``length`` tokens."""
+    ids = torch.full((len(rows), length), pad, dtype=torch.long, device=like.device)
+    mask = torch.zeros((len(rows), length), dtype=torch.long, device=like.device)
+    for b, row in enumerate(rows):
+        ids[b, length - row.numel():] = row
+        mask[b, length - row.numel():] = 1
+    return ids, mask
+
+
+def codes_to_ids(image_tokens: torch.Tensor, num_image_tokens: int, offset: int, mask_id: int) -> torch.Tensor:
+    """(B, N) image codes (-1 = masked) -> vocabulary ids: code + ``offset``, or ``mask_id`` where masked.
+
+    Raises ValueError unless N = ``num_image_tokens``."""
+    if image_tokens.shape[-1] != num_image_tokens:
+        raise ValueError(f"expected {num_image_tokens} image tokens, got {image_tokens.shape[-1]}")
+    return torch.where(image_tokens < 0, torch.full_like(image_tokens, mask_id), image_tokens + offset)
+
+
 @dataclass(frozen=True)
 class T2ISequenceLayout:
     """Token ids and sizes of the text-to-image sequence.
@@ -124,23 +144,16 @@ class T2ISequenceLayout:
         ``[pad]* <t2i> <bos> text <eos>`` (B, prefix_len) and its attention mask. Longer texts keep their start."""
         if text_mask is None:
             text_mask = torch.ones_like(text_ids)
-        B, P = text_ids.shape[0], self.prefix_len
-        ids = torch.full((B, P), self.pad, dtype=torch.long, device=text_ids.device)
-        mask = torch.zeros((B, P), dtype=torch.long, device=text_ids.device)
         keep = text_mask.to(torch.bool)
-        for b in range(B):
+        rows = []
+        for b in range(text_ids.shape[0]):
             words = text_ids[b][keep[b]][: self.max_text_len]
-            row = torch.cat([text_ids.new_tensor([self.t2i, self.bos]), words, text_ids.new_tensor([self.eos])])
-            ids[b, P - row.numel() :] = row
-            mask[b, P - row.numel() :] = 1
-        return ids, mask
+            rows.append(torch.cat([text_ids.new_tensor([self.t2i, self.bos]), words, text_ids.new_tensor([self.eos])]))
+        return left_pad(rows, self.prefix_len, self.pad, text_ids)
 
     def image_ids(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """(B, N) codes with -1 = masked -> vocabulary ids (code + offset, or the mask id)."""
-        if image_tokens.shape[-1] != self.num_image_tokens:
-            raise ValueError(f"expected {self.num_image_tokens} image tokens, got {image_tokens.shape[-1]}")
-        masked = image_tokens < 0
-        return torch.where(masked, torch.full_like(image_tokens, self.mask), image_tokens + self.image_token_offset)
+        return codes_to_ids(image_tokens, self.num_image_tokens, self.image_token_offset, self.mask)
 
     def build(
         self, text_ids: torch.Tensor, text_mask: torch.Tensor | None, image_tokens: torch.Tensor
@@ -282,25 +295,19 @@ class DimooSequenceLayout:
         Rows with no valid token become the unconditional prompt."""
         if text_mask is None:
             text_mask = torch.ones_like(text_ids)
-        B, P = text_ids.shape[0], self.max_text_len
-        ids = torch.full((B, P), self.pad, dtype=torch.long, device=text_ids.device)
-        mask = torch.zeros((B, P), dtype=torch.long, device=text_ids.device)
         keep = text_mask.to(torch.bool)
         uncond = text_ids.new_tensor(self.uncond_ids)
-        for b in range(B):
+        rows = []
+        for b in range(text_ids.shape[0]):
             row = text_ids[b][keep[b]] if bool(keep[b].any()) else uncond
-            if row.numel() > P:
-                raise ValueError(f"prompt has {row.numel()} tokens, more than max_text_len ({P})")
-            ids[b, P - row.numel():] = row
-            mask[b, P - row.numel():] = 1
-        return ids, mask
+            if row.numel() > self.max_text_len:
+                raise ValueError(f"prompt has {row.numel()} tokens, more than max_text_len ({self.max_text_len})")
+            rows.append(row)
+        return left_pad(rows, self.max_text_len, self.pad, text_ids)
 
     def image_part(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """(B, N) codes (-1 = masked) -> (B, rows·(cols+1)) ids: each row of codes followed by the newline."""
-        if image_tokens.shape[-1] != self.num_image_tokens:
-            raise ValueError(f"expected {self.num_image_tokens} image tokens, got {image_tokens.shape[-1]}")
-        ids = torch.where(image_tokens < 0, torch.full_like(image_tokens, self.mask),
-                          image_tokens + self.image_token_offset)
+        ids = codes_to_ids(image_tokens, self.num_image_tokens, self.image_token_offset, self.mask)
         B = ids.shape[0]
         newline = torch.full((B, self.rows, 1), self.newline, dtype=torch.long, device=ids.device)
         return torch.cat([ids.view(B, self.rows, self.cols), newline], dim=2).reshape(B, -1)

@@ -87,6 +87,16 @@ def question_order(item: DPGItem, skip_first_row: bool = False) -> list[DPGPropo
     return props
 
 
+def _parent_score(scores: Mapping[int, float], item_id: str, p: DPGProposition, parent: int) -> float:
+    """The score of ``p``'s ``parent``; MissingParentError if the parent is not among the scored questions."""
+    if parent not in scores:
+        raise MissingParentError(
+            f"item {item_id}: proposition {p.proposition_id} depends on unknown proposition {parent} (not among the "
+            f"scored questions)"
+        )
+    return scores[parent]
+
+
 def apply_dependencies(item_id: str, order: Sequence[DPGProposition], raw: Mapping[int, float]) -> dict[int, float]:
     """The official dependency rule on one crop's scores, walking ``order`` and updating in place.
 
@@ -102,11 +112,7 @@ def apply_dependencies(item_id: str, order: Sequence[DPGProposition], raw: Mappi
     scores = dict(raw)
     for p in order:
         for parent in p.parents:
-            if parent not in scores:
-                raise MissingParentError(
-                    f"item {item_id}: proposition {p.proposition_id} depends on unknown proposition {parent} (not among the scored questions)"
-                )
-            if scores[parent] == 0.0:
+            if _parent_score(scores, item_id, p, parent) == 0.0:
                 scores[p.proposition_id] = 0.0
                 break
     return scores
@@ -119,11 +125,7 @@ def apply_dependencies_soft(item_id: str, order: Sequence[DPGProposition], probs
     scores = dict(probs)
     for p in order:
         for parent in p.parents:
-            if parent not in scores:
-                raise MissingParentError(
-                    f"item {item_id}: proposition {p.proposition_id} depends on unknown proposition {parent} (not among the scored questions)"
-                )
-            scores[p.proposition_id] *= scores[parent]
+            scores[p.proposition_id] *= _parent_score(scores, item_id, p, parent)
     return scores
 
 

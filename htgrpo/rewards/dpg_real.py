@@ -14,7 +14,7 @@ convert between a grid file and its crops, in the official crop order).
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
@@ -90,31 +90,28 @@ class DPGVQAScorer:
                 where.append((i, p.proposition_id))
         return ims, qs, where
 
-    def answers(self, images: torch.Tensor, items: Sequence[DPGItem]) -> list[dict[int, bool]]:
-        """Per image, ``{proposition_id: answer == "yes"}`` over its item's questions."""
+    def _per_image(self, images: torch.Tensor, items: Sequence[DPGItem],
+                   ask: Callable[[list[Any], list[str]], Sequence[Any]]) -> list[dict[int, Any]]:
+        """Per image, ``{proposition_id: value}`` with the values ``ask(images, questions)`` returns for all
+        (image, question) pairs of the batch in one call."""
         images = check_images(images)
         if images.shape[0] != len(items):
             raise ValueError(f"got {images.shape[0]} images but {len(items)} items")
         _check_items(items)
         ims, qs, where = self._pairs(images, items)
-        texts = self.vqa.answer(ims, qs)
-        out: list[dict[int, bool]] = [{} for _ in items]
-        for (i, pid), text in zip(where, texts):
-            out[i][pid] = text == "yes"
+        out: list[dict[int, Any]] = [{} for _ in items]
+        for (i, pid), value in zip(where, ask(ims, qs)):
+            out[i][pid] = value
         return out
+
+    def answers(self, images: torch.Tensor, items: Sequence[DPGItem]) -> list[dict[int, bool]]:
+        """Per image, ``{proposition_id: answer == "yes"}`` over its item's questions."""
+        return self._per_image(images, items, lambda ims, qs: [text == "yes" for text in self.vqa.answer(ims, qs)])
 
     def yes_probabilities(self, images: torch.Tensor, items: Sequence[DPGItem]) -> list[dict[int, float]]:
         """Per image, ``{proposition_id: p(yes)}``."""
-        images = check_images(images)
-        if images.shape[0] != len(items):
-            raise ValueError(f"got {images.shape[0]} images but {len(items)} items")
-        _check_items(items)
-        ims, qs, where = self._pairs(images, items)
-        probs = self.vqa.yes_probability(ims, qs).tolist()
-        out: list[dict[int, float]] = [{} for _ in items]
-        for (i, pid), p in zip(where, probs):
-            out[i][pid] = float(p)
-        return out
+        return self._per_image(images, items,
+                               lambda ims, qs: [float(p) for p in self.vqa.yes_probability(ims, qs).tolist()])
 
     def score(self, images: torch.Tensor, items: Sequence[DPGItem]) -> list[DPGItemResult]:
         """One result per image (each image = one crop of its item)."""

@@ -90,6 +90,17 @@ class VQABackend(abc.ABC):
     @abc.abstractmethod
     def _load(self) -> None: ...
 
+    def _load_transformers_model(self, model_cls: Any, what: str) -> Any:
+        """Load ``self.model_name``'s processor (``AutoProcessor``) and ``model_cls`` weights (frozen, on the device and
+        dtype) into ``self.processor`` / ``self.model``; missing weights raise a ConfigError naming the key (``what``
+        says which model). Returns the processor's tokenizer."""
+        from transformers import AutoProcessor
+
+        self.processor = load_pretrained(AutoProcessor.from_pretrained, self.model_name, self.config_key, what)
+        net = load_pretrained(model_cls.from_pretrained, self.model_name, self.config_key, what)
+        self.model = freeze(net).to(self.device, self.dtype)
+        return self.processor.tokenizer
+
     @abc.abstractmethod
     def _answer_batch(self, images: list[Any], questions: list[str]) -> list[str]: ...
 
@@ -151,13 +162,9 @@ class BlipVQA(VQABackend):
         self.max_new_tokens = int(max_new_tokens)
 
     def _load(self) -> None:
-        from transformers import AutoProcessor, BlipForQuestionAnswering
+        from transformers import BlipForQuestionAnswering
 
-        what = "the DPG-Bench VQA model (BLIP VQA)"
-        self.processor = load_pretrained(AutoProcessor.from_pretrained, self.model_name, self.config_key, what)
-        net = load_pretrained(BlipForQuestionAnswering.from_pretrained, self.model_name, self.config_key, what)
-        self.model = freeze(net).to(self.device, self.dtype)
-        tok = self.processor.tokenizer
+        tok = self._load_transformers_model(BlipForQuestionAnswering, "the DPG-Bench VQA model (BLIP VQA)")
         self.yes_ids = _single_token_ids(tok, ["yes"])
         self.no_ids = _single_token_ids(tok, ["no"])
         if not self.yes_ids or not self.no_ids:
@@ -228,13 +235,10 @@ class YesNoLogitVQA(VQABackend):
         self.yes_words, self.no_words = tuple(yes_words), tuple(no_words)
 
     def _load(self) -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
-        what = "the DPG-Bench VQA model (a vision-language model scored by yes/no logits)"
-        self.processor = load_pretrained(AutoProcessor.from_pretrained, self.model_name, self.config_key, what)
-        net = load_pretrained(AutoModelForImageTextToText.from_pretrained, self.model_name, self.config_key, what)
-        self.model = freeze(net).to(self.device, self.dtype)
-        tok = self.processor.tokenizer
+        tok = self._load_transformers_model(
+            AutoModelForImageTextToText, "the DPG-Bench VQA model (a vision-language model scored by yes/no logits)")
         # Right padding: real tokens keep their positions (no position-id shift, whatever the model's rope
         # scheme), and a causal model's real tokens never attend to the pads after them.
         tok.padding_side = "right"

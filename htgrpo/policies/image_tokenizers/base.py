@@ -37,6 +37,7 @@ __all__ = [
     "unit_float_to_uint8",
     "resize_center_crop",
     "resolve_pretrained_dir",
+    "PretrainedImageTokenizer",
 ]
 
 
@@ -237,3 +238,68 @@ def resolve_pretrained_dir(
     if not any((folder / f).is_file() for f in required_any):
         raise fail(f"{str(folder)!r} has none of the weight files {', '.join(required_any)}")
     return folder
+
+
+_CLASS_DEFAULT: Any = object()  # from_pretrained(subfolder=...) not given: the class's DEFAULT_SUBFOLDER
+
+
+class PretrainedImageTokenizer:
+    """What the real image tokenizers share: one frozen ``torch.nn.Module`` (``self.module``), its device and dtype,
+    the grid of a size, and ``from_pretrained``'s steps (resolve the folder, build and load the module, cast, move).
+
+    A subclass sets ``DEFAULT_REPO``, ``DEFAULT_SUBFOLDER``, ``WHAT`` (the name in error messages) and
+    ``WEIGHT_FILES`` (any one of them must be in the folder), and implements :meth:`load_module` and ``downsample``.
+    """
+
+    DEFAULT_REPO: str = ""
+    DEFAULT_SUBFOLDER: str | None = None
+    WHAT: str = "image tokenizer"
+    WEIGHT_FILES: tuple[str, ...] = ()
+
+    module: torch.nn.Module
+    downsample: int
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    def grid_for(self, height_px: int, width_px: int) -> tuple[int, int]:
+        return grid_for_size(height_px, width_px, self.downsample)
+
+    @classmethod
+    def load_module(cls, folder: Path, *, path_or_id: str | os.PathLike, config_key: str) -> torch.nn.Module:
+        """Build the module from the resolved ``folder`` and load its weights; errors name ``config_key``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike | None = None,
+        *,
+        subfolder: str | None = _CLASS_DEFAULT,
+        config_key: str = "policy.vq_model",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        """Load ``path_or_id[/subfolder]`` (a local folder or hub id; by default ``DEFAULT_REPO`` and
+        ``DEFAULT_SUBFOLDER``; ``subfolder=None``: the folder itself), cast to ``dtype``, move to ``device``."""
+        path_or_id = cls.DEFAULT_REPO if path_or_id is None else path_or_id
+        subfolder = cls.DEFAULT_SUBFOLDER if subfolder is _CLASS_DEFAULT else subfolder
+        folder = resolve_pretrained_dir(
+            path_or_id,
+            subfolder=subfolder,
+            config_key=config_key,
+            default_repo=cls.DEFAULT_REPO,
+            what=cls.WHAT,
+            required_any=cls.WEIGHT_FILES,
+        )
+        module = cls.load_module(folder, path_or_id=path_or_id, config_key=config_key)
+        if dtype is not None:
+            module = module.to(dtype=dtype)
+        if device is not None:
+            module = module.to(device=device)
+        return cls(module)

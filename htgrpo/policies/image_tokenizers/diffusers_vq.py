@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 
 from htgrpo.policies.image_tokenizers.base import (
-    grid_for_size,
+    PretrainedImageTokenizer,
     images_to_unit_float,
-    resolve_pretrained_dir,
     unit_float_to_uint8,
 )
 
@@ -36,8 +35,17 @@ WEIGHT_FILES = (
 )
 
 
-class DiffusersVQImageTokenizer:
-    """uint8 images <-> diffusers ``VQModel`` codes, 2^(levels-1) px per code, row-major, any multiple-of-16 size."""
+class DiffusersVQImageTokenizer(PretrainedImageTokenizer):
+    """uint8 images <-> diffusers ``VQModel`` codes, 2^(levels-1) px per code, row-major, any multiple-of-16 size.
+
+    ``from_pretrained(path_or_id="Alpha-VLLM/Lumina-DiMOO", *, subfolder="vqvae", config_key="policy.vq_model",
+    device=None, dtype=None)`` loads the ``vqvae`` folder of a DiMOO checkpoint or hub id (or that folder itself).
+    """
+
+    DEFAULT_REPO = DEFAULT_REPO
+    DEFAULT_SUBFOLDER = DEFAULT_SUBFOLDER
+    WHAT = "diffusers VQModel image tokenizer"
+    WEIGHT_FILES = WEIGHT_FILES
 
     def __init__(self, vq_model):
         if not getattr(vq_model.config, "lookup_from_codebook", False):
@@ -47,6 +55,7 @@ class DiffusersVQImageTokenizer:
                 "(DiMOO's aMUSEd VQ sets it to true)"
             )
         self.vq = vq_model.eval().requires_grad_(False)
+        self.module = self.vq
 
     @property
     def codebook_size(self) -> int:
@@ -55,17 +64,6 @@ class DiffusersVQImageTokenizer:
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.vq.config.block_out_channels) - 1)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.vq.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.vq.parameters()).dtype
-
-    def grid_for(self, height_px: int, width_px: int) -> tuple[int, int]:
-        return grid_for_size(height_px, width_px, self.downsample)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -107,35 +105,14 @@ class DiffusersVQImageTokenizer:
         return out
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path_or_id: str | os.PathLike = DEFAULT_REPO,
-        *,
-        subfolder: str | None = DEFAULT_SUBFOLDER,
-        config_key: str = "policy.vq_model",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> DiffusersVQImageTokenizer:
-        """Load ``path_or_id/subfolder`` (default: the ``vqvae`` folder of a DiMOO checkpoint or hub id)."""
+    def load_module(cls, folder: Path, *, path_or_id: str | os.PathLike, config_key: str) -> torch.nn.Module:
+        """``VQModel.from_pretrained(folder)`` after checking that the config is a VQModel's."""
         from diffusers import VQModel
 
-        folder = resolve_pretrained_dir(
-            path_or_id,
-            subfolder=subfolder,
-            config_key=config_key,
-            default_repo=DEFAULT_REPO,
-            what="diffusers VQModel image tokenizer",
-            required_any=WEIGHT_FILES,
-        )
         config = VQModel.load_config(str(folder))
         if config.get("_class_name") not in (None, "VQModel"):
             raise ValueError(
                 f"{config_key}={str(path_or_id)!r}: {str(folder)!r} holds a "
                 f"{config.get('_class_name')!r}, not a VQModel"
             )
-        vq = VQModel.from_pretrained(str(folder))
-        if dtype is not None:
-            vq = vq.to(dtype=dtype)
-        if device is not None:
-            vq = vq.to(device=device)
-        return cls(vq)
+        return VQModel.from_pretrained(str(folder))

@@ -9,8 +9,9 @@ MMaDA) so that the released ``config.json`` + weights load with **no renaming**:
   encoder ``ch=128, ch_mult=[1,2,2,4,4], num_res_blocks=[4,3,4,3,4]``, decoder ``ch=128, ch_mult=[1,1,2,2,4],
   num_res_blocks=[4,4,3,4,3]``, both ``attn_resolutions=[5], resolution=256, z_channels=13`` (the attention
   resolution 5 is never reached, so only the middle blocks attend). 4 stride-2 stages: downsampling x16.
-- Taming-style blocks: ``GroupNorm(32 groups, eps 1e-6)``, swish, ``ResnetBlock`` (``norm1, conv1, norm2, conv2``
-  and a 1x1 ``nin_shortcut`` when the width changes), ``AttnBlock`` (``norm, q, k, v, proj_out`` 1x1 convs),
+- Taming-style blocks (``htgrpo/policies/conv_blocks.py``, shared with MAR's VAE): ``GroupNorm(32 groups, eps 1e-6)``,
+  swish, ``ResnetBlock`` (``norm1, conv1, norm2, conv2`` and a 1x1 ``nin_shortcut`` when the width changes),
+  ``AttnBlock`` (``norm, q, k, v, proj_out`` 1x1 convs),
   ``Downsample`` (zero-pad right/bottom by 1, 3x3 conv stride 2), ``Upsample`` (nearest x2, 3x3 conv).
   The encoder ends with ``quant_conv`` (1x1), the decoder starts with ``post_quant_conv`` (1x1).
 - Lookup-free quantiser, ``codebook_dim = 13`` -> 2^13 = 8192 codes. Persistent buffers ``quantize.embedding``
@@ -41,10 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from htgrpo.policies.conv_blocks import AttnBlock, Downsample, MidBlock, ResnetBlock, Upsample, group_norm
 from htgrpo.policies.image_tokenizers.base import (
-    grid_for_size,
+    PretrainedImageTokenizer,
     images_to_unit_float,
-    resolve_pretrained_dir,
     unit_float_to_uint8,
 )
 
@@ -118,77 +119,6 @@ class LFQuantizer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    # The release fixes 32 groups, so every width must be a multiple of 32.
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
-
-
-class ResnetBlock(nn.Module):
-    """h = conv2(swish(norm2(conv1(swish(norm1(x)))))); out = shortcut(x) + h.
-
-    The shortcut is a 1x1 ``nin_shortcut`` conv when the width changes, the identity otherwise.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
-        super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = _group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _group_norm(out_channels)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        if self.in_channels != self.out_channels:
-            x = self.nin_shortcut(x)
-        return x + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the h*w positions: x + proj_out(softmax(q k^T / sqrt(C)) v)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = _group_norm(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        n = self.norm(x)
-        q, k, v = (proj(n).flatten(2).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, hw, C)
-        out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
-        return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
-
-
-class Downsample(nn.Module):
-    """Halve the resolution: pad one zero row/column at the bottom/right, then a 3x3 stride-2 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Double the resolution: nearest-neighbour x2, then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 @dataclass
 class VQGANConfig:
     """Constructor arguments of the released ``VQGANEncoder`` / ``VQGANDecoder`` (same names, same meaning)."""
@@ -250,11 +180,8 @@ class VQGANEncoder(nn.Module):
                 stage.downsample = Downsample(block_in)
                 res //= 2
             self.down.append(stage)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, config.dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, config.dropout)
-        self.norm_out = _group_norm(block_in)
+        self.mid = MidBlock(block_in, config.dropout)
+        self.norm_out = group_norm(block_in)
         z_out = 2 * config.z_channels if config.double_z else config.z_channels
         self.conv_out = nn.Conv2d(block_in, z_out, 3, padding=1)
         self.quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
@@ -268,7 +195,7 @@ class VQGANEncoder(nn.Module):
                     h = stage.attn[i](h)
             if level != self.num_resolutions - 1:
                 h = stage.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.mid(h)
         h = self.conv_out(F.silu(self.norm_out(h)))
         return self.quant_conv(h)
 
@@ -285,10 +212,7 @@ class VQGANDecoder(nn.Module):
         block_in = ch * mults[-1]
         res = config.resolution // 2 ** (self.num_resolutions - 1)
         self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, config.dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, config.dropout)
+        self.mid = MidBlock(block_in, config.dropout)
         stages: list[nn.Module] = []
         for level in reversed(range(self.num_resolutions)):
             blocks, attns = nn.ModuleList(), nn.ModuleList()
@@ -305,13 +229,13 @@ class VQGANDecoder(nn.Module):
                 res *= 2
             stages.insert(0, stage)  # ``up[i]`` is the stage at level i (finest = 0), as in the release
         self.up = nn.ModuleList(stages)
-        self.norm_out = _group_norm(block_in)
+        self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, config.out_ch, 3, padding=1)
         self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(self.post_quant_conv(z))
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.mid(h)
         for level in reversed(range(self.num_resolutions)):
             stage = self.up[level]
             for i, block in enumerate(stage.block):
@@ -412,15 +336,23 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class MagvitImageTokenizer:
+class MagvitImageTokenizer(PretrainedImageTokenizer):
     """MMaDA's image tokenizer: uint8 images <-> MAGVIT-v2 codes (2^13 = 8192), 16 px per code, row-major.
 
     ``encode`` expects sizes that are multiples of 16 (512 x 512 -> a 32 x 32 grid); resize arbitrary images with
     ``base.resize_center_crop`` first (MMaDA's preprocessing). ``decode`` reproduces MMaDA's post-processing.
+    ``from_pretrained(path_or_id="showlab/magvitv2", *, subfolder=None, config_key="policy.vq_model", device=None,
+    dtype=None)`` loads a released-format folder or hub id; strict: every key must match.
     """
+
+    DEFAULT_REPO = DEFAULT_REPO
+    DEFAULT_SUBFOLDER = None
+    WHAT = "MAGVIT-v2 image tokenizer"
+    WEIGHT_FILES = (BIN_WEIGHTS, *SAFETENSORS_WEIGHTS)
 
     def __init__(self, model: MAGVITv2):
         self.model = model.eval().requires_grad_(False)
+        self.module = self.model
 
     @property
     def codebook_size(self) -> int:
@@ -429,17 +361,6 @@ class MagvitImageTokenizer:
     @property
     def downsample(self) -> int:
         return self.model.downsample
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.decoder.conv_in.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.decoder.conv_in.weight.dtype
-
-    def grid_for(self, height_px: int, width_px: int) -> tuple[int, int]:
-        return grid_for_size(height_px, width_px, self.downsample)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -477,24 +398,8 @@ class MagvitImageTokenizer:
         return out
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path_or_id: str | os.PathLike = DEFAULT_REPO,
-        *,
-        subfolder: str | None = None,
-        config_key: str = "policy.vq_model",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> MagvitImageTokenizer:
-        """Load a released-format MAGVIT-v2 folder or hub id (``showlab/magvitv2``). Strict: every key must match."""
-        folder = resolve_pretrained_dir(
-            path_or_id,
-            subfolder=subfolder,
-            config_key=config_key,
-            default_repo=DEFAULT_REPO,
-            what="MAGVIT-v2 image tokenizer",
-            required_any=(BIN_WEIGHTS, *SAFETENSORS_WEIGHTS),
-        )
+    def load_module(cls, folder: Path, *, path_or_id: str | os.PathLike, config_key: str) -> torch.nn.Module:
+        """Build :class:`MAGVITv2` from ``folder/config.json`` and load its weights strictly."""
         try:
             cfg = json.loads((folder / CONFIG_FILE).read_text())
             model = MAGVITv2.from_config_dict(cfg)
@@ -514,8 +419,4 @@ class MagvitImageTokenizer:
                 f"wrong shape {wrong_shape[:5]}; {len(missing)}/{len(unexpected)}/{len(wrong_shape)} in total)"
             )
         model.load_state_dict(state, strict=True)
-        if dtype is not None:
-            model = model.to(dtype=dtype)
-        if device is not None:
-            model = model.to(device=device)
-        return cls(model)
+        return model

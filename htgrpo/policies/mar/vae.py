@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from htgrpo.config import ConfigError, require
+from htgrpo.policies.conv_blocks import AttnBlock, Downsample, MidBlock, ResnetBlock, Upsample, group_norm
 
 KL16_SCALE = 0.2325
 """MAR's latent scale factor: tokens = 0.2325 · VAE latent."""
@@ -40,73 +40,10 @@ def swish(x: Tensor) -> Tensor:
     return x * torch.sigmoid(x)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """LDM's ``Normalize``: 32 groups, eps 1e-6, affine."""
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
-
-
-class ResnetBlock(nn.Module):
-    """norm1 → swish → conv1 → norm2 → swish → dropout → conv2, plus the input (through a 1×1 ``nin_shortcut`` when
-    the channel count changes)."""
-
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
-        super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
-        self.norm2 = group_norm(out_channels)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1, 1, 0)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(self.dropout(swish(self.norm2(h))))
-        if self.in_channels != self.out_channels:
-            x = self.nin_shortcut(x)
-        return x + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head spatial self-attention with 1×1-conv q, k, v and proj_out: x + proj_out(softmax(qᵀk/√C) v)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = group_norm(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.norm(x)
-        B, C, H, W = x.shape
-        q, k, v = (m(h).reshape(B, C, H * W).transpose(1, 2) for m in (self.q, self.k, self.v))  # (B, HW, C)
-        out = F.scaled_dot_product_attention(q, k, v)          # softmax(q kᵀ / √C) v
-        return x + self.proj_out(out.transpose(1, 2).reshape(B, C, H, W))
-
-
-class Downsample(nn.Module):
-    """Stride-2 3×3 conv after padding one zero row/column at the bottom/right (LDM's asymmetric padding)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, 2, 0)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest ×2, then a 3×3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+def swish_resnet_block(in_channels: int, out_channels: int, dropout: float = 0.0) -> ResnetBlock:
+    """LDM's ResnetBlock with this model's swish (x·sigmoid(x)): norm1 → swish → conv1 → norm2 → swish → dropout →
+    conv2, plus the input (through a 1×1 ``nin_shortcut`` when the channel count changes)."""
+    return ResnetBlock(in_channels, out_channels, dropout, activation=swish)
 
 
 @dataclass
@@ -169,7 +106,7 @@ class Encoder(nn.Module):
             stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
             block_in, block_out = c.ch * in_mult[level], c.ch * mult
             for _ in range(c.num_res_blocks):
-                stage.block.append(ResnetBlock(block_in, block_out, c.dropout))
+                stage.block.append(swish_resnet_block(block_in, block_out, c.dropout))
                 block_in = block_out
                 if res in c.attn_resolutions:
                     stage.attn.append(AttnBlock(block_in))
@@ -177,10 +114,7 @@ class Encoder(nn.Module):
                 stage.downsample = Downsample(block_in)
                 res //= 2
             self.down.append(stage)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, c.dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, c.dropout)
+        self.mid = MidBlock(block_in, c.dropout, activation=swish)
         self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * c.embed_dim, 3, 1, 1)
 
@@ -193,7 +127,7 @@ class Encoder(nn.Module):
                     h = stage.attn[j](h)
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.mid(h)
         return self.conv_out(swish(self.norm_out(h)))
 
 
@@ -205,17 +139,14 @@ class Decoder(nn.Module):
         super().__init__()
         block_in = c.ch * c.ch_mult[-1]
         self.conv_in = nn.Conv2d(c.embed_dim, block_in, 3, 1, 1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, c.dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, c.dropout)
+        self.mid = MidBlock(block_in, c.dropout, activation=swish)
         stages: list[nn.Module] = []
         for level in reversed(range(len(c.ch_mult))):
             stage = nn.Module()
             stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()   # attn stays empty: the released names
             block_out = c.ch * c.ch_mult[level]
             for _ in range(c.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(block_in, block_out, c.dropout))
+                stage.block.append(swish_resnet_block(block_in, block_out, c.dropout))
                 block_in = block_out
             if level != 0:
                 stage.upsample = Upsample(block_in)
@@ -226,7 +157,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.mid(h)
         for level in reversed(range(len(self.up))):
             stage = self.up[level]
             for block in stage.block:
