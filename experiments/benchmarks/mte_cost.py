@@ -8,8 +8,10 @@ of the stored transitions (forward + backward through the frozen head into z; cr
 Part 1 — head cost per RL step, in ONE process: real MAR-GRPO steps (Lightning trainer, the shapes_mar_grpo
 defaults) for each S of ``--trajectories``, interleaved over ``--rounds`` (S=1, S=5, S=1, S=5, ...) so both see the
 same machine load; the same seed gives the same rollout noise. Timed per step (first step of every run is a
-warm-up): seconds inside the head network (forward hooks on every call + its backward through full-backward hooks),
-the MTE phase alone, and the whole step. Reports medians and the S / S_min ratios.
+warm-up): the head network's work (token rows through its forward, plus twice the rows through its backward: a
+load-independent FLOP proxy, the head being an MLP applied row by row), the seconds inside it (forward hooks on
+every call + its backward through full-backward hooks), the MTE phase alone, and the whole step. Reports medians
+and the S / S_first ratios; on a shared machine trust the work ratio over the seconds.
 
 Part 2 — batched vs per-S loop for the MTE chains alone on one rollout (what ``mte`` runs), median of ``--repeats``.
 
@@ -80,15 +82,18 @@ def load_policy(args: argparse.Namespace, world: ShapesWorldConfig):
 
 
 class HeadTimer:
-    """Wall seconds spent in a module: forward (pre/post forward hooks) + backward (full backward pre/post hooks).
+    """Wall seconds spent in a module: forward (pre/post forward hooks) + backward (full backward pre/post hooks),
+    and the work done: token rows through the forward, and through the backward (about 2 forwards each).
 
     The head network is never nested in itself, and CPU autograd runs one node at a time, so the intervals add up
-    without overlap.
+    without overlap. The row counts do not depend on machine load; the seconds do.
     """
 
     def __init__(self, module: torch.nn.Module):
         self.seconds = 0.0
         self.calls = 0
+        self.rows = 0           # token rows through the forward
+        self.backward_rows = 0  # token rows through the backward
         self._t0 = 0.0
         self._b0 = 0.0
         module.register_forward_pre_hook(self._start)
@@ -96,14 +101,16 @@ class HeadTimer:
         module.register_full_backward_pre_hook(self._bstart)
         module.register_full_backward_hook(self._bstop)
 
-    def _start(self, *_):
+    def _start(self, _module, args):
+        self.rows += int(args[0].shape[0])
         self._t0 = time.perf_counter()
 
     def _stop(self, *_):
         self.seconds += time.perf_counter() - self._t0
         self.calls += 1
 
-    def _bstart(self, *_):
+    def _bstart(self, _module, grad_output):
+        self.backward_rows += int(grad_output[0].shape[0])
         self._b0 = time.perf_counter()
 
     def _bstop(self, *_):
@@ -123,11 +130,13 @@ def rl_step_costs(args: argparse.Namespace, make_policy, sampler: MARSamplerSett
 
     class Record(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            mark.update(head=timer.seconds, t=time.perf_counter())
+            mark.update(head=timer.seconds, rows=timer.rows, brows=timer.backward_rows, t=time.perf_counter())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             t = pl_module.last_timings
-            rows.append({"head_s": timer.seconds - mark["head"], "mte_s": t["mte"],
+            fwd, bwd = timer.rows - mark["rows"], timer.backward_rows - mark["brows"]
+            rows.append({"head_s": timer.seconds - mark["head"], "head_work": fwd + 2 * bwd, "head_fwd_rows": fwd,
+                         "head_bwd_rows": bwd, "mte_s": t["mte"],
                          "step_s": time.perf_counter() - mark["t"], "rollout_s": t["rollout"],
                          "update_s": t["update"]})
 
@@ -149,6 +158,7 @@ def head_cost_per_step(args: argparse.Namespace, make_policy, sampler: MARSample
     med = {S: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for S, rows in per_s.items()}
     ref = med[values[0]]
     return [{"S": S, **m, "steps_timed": len(per_s[S]), "head_ratio": m["head_s"] / ref["head_s"],
+             "work_ratio": m["head_work"] / ref["head_work"],
              "mte_ratio": m["mte_s"] / ref["mte_s"], "step_ratio": m["step_s"] / ref["step_s"]}
             for S, m in med.items()]
 
@@ -198,11 +208,12 @@ def main(argv: list[str] | None = None) -> dict:
     part1 = head_cost_per_step(args, make_policy, sampler, world)
     print(f"\nPart 1: one MAR-GRPO step (median over {part1[0]['steps_timed']} steps per S, {args.rounds} "
           f"interleaved round(s)); ratios against S={part1[0]['S']}")
-    print("| S | head s / step | head ratio | MTE phase s | MTE ratio | step s | step ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| S | head work / step (token rows, fwd + 2 bwd) | work ratio | head s / step | head s ratio | "
+          "MTE phase s | MTE ratio | step s | step ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in part1:
-        print(f"| {r['S']} | {r['head_s']:.3f} | {r['head_ratio']:.2f} | {r['mte_s']:.3f} | {r['mte_ratio']:.2f} | "
-              f"{r['step_s']:.3f} | {r['step_ratio']:.2f} |")
+        print(f"| {r['S']} | {r['head_work']:.0f} | {r['work_ratio']:.2f} | {r['head_s']:.3f} | {r['head_ratio']:.2f} | "
+              f"{r['mte_s']:.3f} | {r['mte_ratio']:.2f} | {r['step_s']:.3f} | {r['step_ratio']:.2f} |")
     part2 = batched_vs_loop(args, make_policy, sampler, world) if args.repeats > 0 else []
     if part2:
         print(f"\nPart 2: the MTE chains alone on one rollout (median of {args.repeats})")
