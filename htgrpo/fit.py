@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from htgrpo._hydra import config_dir
 from htgrpo.config import ConfigError, instantiate_node
-from htgrpo.strategies import check_trainer_hardware
+from htgrpo.strategies import check_strategy_supports, check_trainer_hardware
 
 log = logging.getLogger("htgrpo.fit")
 
@@ -96,6 +96,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from htgrpo.policies.lora import check_precision
 
     check_precision(module, trainer.precision, trainer.strategy)  # AdamW on fp32 weights (LoRA adapters or masters)
+    check_strategy_supports(trainer.strategy, module)              # e.g. ZeRO-3: one backward per update
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     # Validation prompts are generated/read now, so a bad prompt file fails before any training.

@@ -609,10 +609,31 @@ def check_trainer_hardware(trainer_cfg: Mapping[str, Any], cuda_available: bool 
                                      "use trainer=cpu, trainer=ddp_cpu or trainer=fsdp_cpu")
 
 
+def check_strategy_supports(strategy: Any, module: Any) -> None:
+    """Fail at start-up, naming the key to change, when the strategy cannot run the module's updates.
+
+    DeepSpeed ZeRO-3 takes one backward pass per optimiser step (:meth:`GRPODeepSpeedStrategy.backward` refuses a
+    second one, because the gradients of several did not add up); a module whose updates accumulate several
+    (HT-GRPO with ``algorithm.micro_batch_size`` set, MAR-GRPO always) is refused here instead of at its first step.
+    """
+    if not (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3):
+        return
+    if getattr(module, "one_backward_per_update", True):
+        return
+    if getattr(module, "micro_batch_size", None) is not None:
+        raise ConfigError("algorithm.micro_batch_size", "trainer=deepspeed_zero3 takes one backward pass per optimiser "
+                          "step: set algorithm.micro_batch_size=null (with policy.gradient_checkpointing=true), or use "
+                          "trainer=fsdp / trainer=deepspeed_zero2")
+    raise ConfigError("trainer", f"trainer=deepspeed_zero3 takes one backward pass per optimiser step, and "
+                                 f"{type(module).__name__} accumulates several per update; use trainer=fsdp or "
+                                 "trainer=deepspeed_zero2")
+
+
 __all__ = [
     "AUTO_WRAP",
     "GRPODeepSpeedStrategy",
     "GRPOFSDPStrategy",
+    "check_strategy_supports",
     "check_trainer_hardware",
     "checkpoint_kind",
     "clip_and_step",

@@ -21,6 +21,7 @@ from htgrpo.data.prompt_sets import ShapesPromptStream
 from htgrpo.strategies import (
     GRPODeepSpeedStrategy,
     GRPOFSDPStrategy,
+    check_strategy_supports,
     check_trainer_hardware,
     checkpoint_kind,
     clip_and_step,
@@ -172,6 +173,23 @@ def test_deepspeed_config_clips_at_max_grad_norm():
     plain = DeepSpeedStrategy(stage=2, logging_batch_size_per_gpu=1)
     _attach(plain, make_module(max_grad_norm=0.7))
     assert deepspeed_config(plain)["gradient_clipping"] == 0.0
+
+
+def test_zero3_refuses_at_startup_a_module_that_accumulates_several_backward_passes():
+    zero3 = GRPODeepSpeedStrategy(stage=3, allow_cpu=True, logging_batch_size_per_gpu=1)
+    zero2 = GRPODeepSpeedStrategy(stage=2, allow_cpu=True, logging_batch_size_per_gpu=1)
+    whole_batch, micro = make_module(micro_batch_size=None), make_module(micro_batch_size=2)
+    assert whole_batch.one_backward_per_update and not micro.one_backward_per_update
+    check_strategy_supports(zero3, whole_batch)  # one backward per update: fine
+    check_strategy_supports(zero2, micro)        # ZeRO-2 accumulates correctly
+    with pytest.raises(ConfigError, match=r"algorithm\.micro_batch_size.*micro_batch_size=null"):
+        check_strategy_supports(zero3, micro)
+
+    class Accumulating:  # MAR-GRPO: one backward per trained AR step
+        one_backward_per_update = False
+
+    with pytest.raises(ConfigError, match=r"trainer: .*Accumulating accumulates several"):
+        check_strategy_supports(zero3, Accumulating())
 
 
 class FakeEngine:

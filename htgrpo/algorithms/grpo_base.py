@@ -115,6 +115,12 @@ class GRPOModule(PolicyModule):
     #: stays a plain replica on each rank (htgrpo.strategies.keep_out_of_strategy).
     unsharded_modules: tuple[str, ...] = ("reference",)
 
+    @property
+    def one_backward_per_update(self) -> bool:
+        """Whether every optimiser update is one backward pass (DeepSpeed ZeRO-3 takes nothing else; checked at
+        start-up by :func:`htgrpo.strategies.check_strategy_supports`). Subclasses that accumulate say False."""
+        return True
+
     def __init__(
         self,
         policy: torch.nn.Module,

@@ -161,6 +161,11 @@ class HTGRPO(GRPOModule):
     # ===================================================================================================
     # The algorithm box
     # ===================================================================================================
+    @property
+    def one_backward_per_update(self) -> bool:
+        # One backward per update unless the update is split into micro-batches (gradients then accumulate).
+        return self.micro_batch_size is None
+
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()

@@ -382,6 +382,11 @@ class MARGRPO(GRPOModule):
     # ===================================================================================================
     # The algorithm box
     # ===================================================================================================
+    @property
+    def one_backward_per_update(self) -> bool:
+        # The update accumulates one backward per trained AR step.
+        return False
+
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()

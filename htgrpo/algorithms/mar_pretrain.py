@@ -55,8 +55,9 @@ class MARPretraining(MaskedDiffusionPretraining):
                                         f"{type(policy).__name__}")
         require_mar_sampler(sampler)
         require_choice(mask_schedule, MASK_SCHEDULES, "mask_schedule")
-        self.mask_schedule = mask_schedule
         super().__init__(policy, benchmark, sampler, **kwargs)
+        self.mask_schedule = mask_schedule
+        self.hparams["mask_schedule"] = mask_schedule  # the parent's save_hyperparameters sees only its own args
 
     def draw_mask_rate(self) -> float | None:
         """This batch's mask rate under ``mask_schedule`` (None: the policy's own LTH14 draw)."""
