@@ -29,7 +29,23 @@ def clean_env(monkeypatch):
     for name in list(os.environ):
         if name.startswith("SLURM_") or name in LAUNCHER_VARS:
             monkeypatch.delenv(name)
-    return monkeypatch
+    # A Trainer built under launcher variables sets Lightning's process-global rank (rank_zero_only.rank, which
+    # decides whether loggers write); put it back so later tests in this process log as rank 0 again.
+    saved_ranks = [(fn, getattr(fn, "rank", None)) for fn in _rank_zero_functions()]
+    yield monkeypatch
+    for fn, rank in saved_ranks:
+        if rank is None:
+            if hasattr(fn, "rank"):
+                del fn.rank
+        else:
+            fn.rank = rank
+
+
+def _rank_zero_functions() -> list:
+    from lightning.fabric.utilities import rank_zero as fabric_rank_zero
+    from lightning.pytorch.utilities import rank_zero as pytorch_rank_zero
+
+    return [fabric_rank_zero.rank_zero_only, pytorch_rank_zero.rank_zero_only]
 
 
 def build_trainer(compose, tmp_path, overrides):
