@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,12 @@ from htgrpo.config import ConfigError, instantiate_node
 from htgrpo.strategies import check_strategy_supports, check_trainer_hardware
 
 log = logging.getLogger("htgrpo.fit")
+
+# Lightning warnings that do not apply to these modules, silenced so the main command's output stays readable:
+# the GRPO modules optimise manually and checkpoint after the whole rollout step (their state is complete then),
+# and policies sample in eval mode on purpose (frozen tokenizers, no dropout in the toy LLaDA).
+warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
