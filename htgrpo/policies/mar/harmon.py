@@ -49,6 +49,7 @@ from htgrpo.config import ConfigError, require, require_choice
 from htgrpo.policies.mar.backbone import MAR, POS_EMBED_INTERPOLATIONS, TextCondition, patchify, unpatchify
 from htgrpo.policies.mar.checkpoints import build_mar_from_state_dict, config_hints_from_lth14_args
 from htgrpo.policies.mar.diffusion import GaussianDiffusion, create_diffusion
+from htgrpo.policies.mar.wrapper import WrapsMAR
 from htgrpo.policies.mar.vae import (
     KLAutoencoder,
     KLVAEConfig,
@@ -143,7 +144,7 @@ def build_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, out_dim))
 
 
-class HarmonPolicy(nn.Module):
+class HarmonPolicy(WrapsMAR, nn.Module):
     """Harmon as a MAR-GRPO policy: it is its own ``ar_model`` (condition = :class:`PromptCache`).
 
     Args:
@@ -198,23 +199,11 @@ class HarmonPolicy(nn.Module):
         return self.mar.diffloss
 
     @property
-    def head(self):
-        return self.mar.diffloss
-
-    @property
     def fake_latent(self) -> Tensor:
         return self.mar.fake_latent
 
     @property
-    def config(self):
-        return self.mar.config
-
-    @property
     def seq_len(self) -> int:
-        return self.mar.seq_len
-
-    @property
-    def num_image_tokens(self) -> int:
         return self.mar.seq_len
 
     @property
@@ -224,10 +213,6 @@ class HarmonPolicy(nn.Module):
     @property
     def decoder_embed_dim(self) -> int:
         return self.mar.decoder_embed_dim
-
-    @property
-    def device(self) -> torch.device:
-        return self.mar.fake_latent.device
 
     def random_orders(self, batch_size: int, generator: torch.Generator | None = None,
                       device: torch.device | str | None = None) -> Tensor:

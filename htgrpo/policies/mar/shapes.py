@@ -37,6 +37,7 @@ from htgrpo.data.shapes.palette import ShapesWorldConfig
 from htgrpo.policies.mar.backbone import MAR, MARConfig, TextCondition
 from htgrpo.policies.mar.diffusion import GaussianDiffusion, create_diffusion
 # The sampler settings live with the generic sampling loop; re-exported here for existing imports.
+from htgrpo.policies.mar.wrapper import WrapsMAR
 from htgrpo.policies.mar.sampling import MARSampled, MARSamplerSettings, require_mar_sampler
 from htgrpo.policies.tokenizers import PaletteImageTokenizer, WordTextTokenizer
 
@@ -113,7 +114,7 @@ class MARTrainingLoss:
     """Fraction of tokens masked in this batch."""
 
 
-class ShapesMARPolicy(nn.Module):
+class ShapesMARPolicy(WrapsMAR, nn.Module):
     """A text-conditioned :class:`MAR` + the palette token codec + the word tokenizer. ``mar`` holds every parameter.
 
     Args:
@@ -143,24 +144,7 @@ class ShapesMARPolicy(nn.Module):
         self._diffusions: dict[str, GaussianDiffusion] = {}
         self._sampling_steps = str(c.num_sampling_steps)
 
-    # -- properties ---------------------------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return self.mar.fake_latent.device
-
-    @property
-    def config(self) -> MARConfig:
-        return self.mar.config
-
-    @property
-    def head(self):
-        """The diffusion head (``mar.diffloss``)."""
-        return self.mar.diffloss
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self.mar.seq_len
-
+    # -- properties (device, config, head, num_image_tokens: WrapsMAR) ------------------------------------------
     @property
     def token_scale(self) -> float:
         return self.codec.scale
