@@ -20,6 +20,7 @@ key, the hub repo id and the command that downloads the files.
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -243,7 +244,7 @@ def resolve_pretrained_dir(
 _CLASS_DEFAULT: Any = object()  # from_pretrained(subfolder=...) not given: the class's DEFAULT_SUBFOLDER
 
 
-class PretrainedImageTokenizer:
+class PretrainedImageTokenizer(abc.ABC):
     """What the real image tokenizers share: one frozen ``torch.nn.Module`` (``self.module``), its device and dtype,
     the grid of a size, and ``from_pretrained``'s steps (resolve the folder, build and load the module, cast, move).
 
@@ -271,9 +272,9 @@ class PretrainedImageTokenizer:
         return grid_for_size(height_px, width_px, self.downsample)
 
     @classmethod
+    @abc.abstractmethod
     def load_module(cls, folder: Path, *, path_or_id: str | os.PathLike, config_key: str) -> torch.nn.Module:
         """Build the module from the resolved ``folder`` and load its weights; errors name ``config_key``."""
-        raise NotImplementedError
 
     @classmethod
     def from_pretrained(
