@@ -320,19 +320,6 @@ class HarmonPolicy(WrapsMAR, nn.Module):
         z_cond, z_uncond = z.chunk(2, dim=0)
         return z_cond, z_uncond
 
-    # -- the head's sampling chain --------------------------------------------------------------------------------
-    def use_sampling_steps(self, num_steps: int | str | None) -> None:
-        """Respace the head's sampling chain (None: the checkpoint's ``num_sampling_steps``; Harmon: "100")."""
-        key = str(self.mar.config.num_sampling_steps if num_steps is None else num_steps)
-        if key not in self._diffusions:
-            self._diffusions[key] = create_diffusion(key)
-        self.mar.diffloss.gen_diffusion = self._diffusions[key]
-        self._sampling_steps = key
-
-    @property
-    def sampling_steps(self) -> str:
-        return self._sampling_steps
-
     # -- images ---------------------------------------------------------------------------------------------------
     @property
     def grid(self) -> tuple[int, int]:

@@ -163,22 +163,7 @@ class ShapesMARPolicy(WrapsMAR, nn.Module):
         """(B, L, 3) tokens → uint8 images (CPU)."""
         return self.codec.decode(tokens.detach())
 
-    # -- the head's sampling chain ------------------------------------------------------------------------------
-    def use_sampling_steps(self, num_steps: int | str | None) -> None:
-        """Respace the head's sampling chain (``gen_diffusion``) to ``num_steps`` (None: the config's default).
-
-        Rollouts and the re-scoring of their chains must use the same respacing: call this with the rollout
-        sampler's value before both (the stored chain timesteps index this diffusion).
-        """
-        key = str(self.config.num_sampling_steps if num_steps is None else num_steps)
-        if key not in self._diffusions:
-            self._diffusions[key] = create_diffusion(key)
-        self.mar.diffloss.gen_diffusion = self._diffusions[key]
-        self._sampling_steps = key
-
-    @property
-    def sampling_steps(self) -> str:
-        return self._sampling_steps
+    # -- the head's sampling chain: use_sampling_steps / sampling_steps (WrapsMAR) ------------------------------
 
     # -- supervised warm start ----------------------------------------------------------------------------------
     def training_loss(self, tokens: Tensor, condition: TextCondition, cond_dropout: float = 0.1,
