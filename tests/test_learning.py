@@ -25,12 +25,7 @@ RED = color_index("red")
 SAMPLER = SamplerSettings(name="emerge", num_steps=4, guidance_scale=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # tests/conftest.py
 
 
 def red_share(images: torch.Tensor, records=None) -> torch.Tensor:

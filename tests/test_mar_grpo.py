@@ -34,13 +34,7 @@ TINY_MAR_RL = [*TINY_POLICY_CLI, "policy.init=scratch", "data.batch_size=2", "al
                "trainer.limit_train_batches=2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads (and a busy 2-core machine makes OpenMP spin-waits costly)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # tests/conftest.py
 
 
 def tiny_policy(seed: int = 0, perturb: float = 0.05) -> ShapesMARPolicy:
