@@ -223,7 +223,9 @@ def test_missing_weights_is_one_clear_message(compose, tmp_path, monkeypatch):
     from htgrpo.generate import run
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = compose("generate", ["policy=mmada", f"prompts.path={GENEVAL}", f"out={tmp_path / 'o'}", "limit=1"])
+    prompts = tmp_path / "evaluation_metadata.jsonl"  # one official-format line: no dependence on the shared data
+    prompts.write_text('{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"}\n')
+    cfg = compose("generate", ["policy=mmada", f"prompts.path={prompts}", f"out={tmp_path / 'o'}", "limit=1"])
     with pytest.raises(ConfigError) as err:
         run(cfg)
     msg = str(err.value)
