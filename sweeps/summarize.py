@@ -1,6 +1,7 @@
 """Summarise a Hydra multirun of `python -m htgrpo.fit -m ...`: one table row per job, one plot per swept key.
 
     python sweeps/summarize.py logs/sweeps/credit_assignment/<time> [--metric geneval/overall] [--out DIR]
+                               [--pivot algorithm.partition.fraction algorithm.credit.alpha]
 
 Reads every job folder under the sweep folder (the ones holding `.hydra/overrides.yaml`), takes the job's command-line
 overrides and its `summary.json` (written by htgrpo.fit at the end of a job), and writes into `--out` (default: the
@@ -10,7 +11,9 @@ sweep folder):
   change, steps, seconds, status (`ok`, or `missing summary.json` for a crashed / unfinished job);
 * `summary.md`   - the same table in markdown, best final score first, plus the mean final score per value of each
   swept key (the marginal the plot shows);
-* `summary.png`  - one panel per swept key: final score of every job against that key's value, with the per-value mean.
+* `summary.png`  - one panel per swept key: final score of every job against that key's value, with the per-value mean;
+* with `--pivot ROW COL`: a ROW × COL table of the mean change (± std over the cell's jobs, e.g. seeds) in
+  `summary.md` and its heatmap `summary_pivot.png` (a 2-D grid such as partition.fraction × credit.alpha).
 
 A key counts as swept when its value differs between jobs (keys given the same value everywhere are listed as fixed).
 """
@@ -103,8 +106,86 @@ def _fmt(x: float) -> str:
     return "" if math.isnan(x) else f"{x:.4f}"
 
 
-def summarize(sweep_dir: Path, metric: str = "geneval/overall", out_dir: Path | None = None) -> dict[str, Path]:
-    """Write summary.csv / summary.md / summary.png for the sweep in ``sweep_dir``; returns their paths."""
+@dataclass
+class PivotCell:
+    """The jobs of one (row value, column value) cell of a pivot: mean and std of their change."""
+
+    changes: list[float] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.changes) / len(self.changes) if self.changes else math.nan
+
+    @property
+    def std(self) -> float:
+        """Sample std (n − 1); 0 for a single job."""
+        n = len(self.changes)
+        if n < 2:
+            return 0.0 if n else math.nan
+        m = self.mean
+        return math.sqrt(sum((c - m) ** 2 for c in self.changes) / (n - 1))
+
+
+def pivot_changes(jobs: list[SweepJob], row_key: str, col_key: str, metric: str
+                  ) -> tuple[list[str], list[str], dict[tuple[str, str], PivotCell]]:
+    """Row values, column values and per-cell change (``val_end − val_start`` of ``metric``) of the finished jobs."""
+    cells: dict[tuple[str, str], PivotCell] = defaultdict(PivotCell)
+    for job in jobs:
+        change = job.value(metric) - job.value(metric, "val_start")
+        if not math.isnan(change):
+            cells[(job.overrides.get(row_key, "<default>"), job.overrides.get(col_key, "<default>"))].changes.append(change)
+    rows = _sort_values(list({r for r, _ in cells}))
+    cols = _sort_values(list({c for _, c in cells}))
+    return rows, cols, dict(cells)
+
+
+def _pivot_lines(rows: list[str], cols: list[str], cells: dict[tuple[str, str], PivotCell], row_key: str,
+                 col_key: str, metric: str) -> list[str]:
+    lines = ["", f"## Mean change of `{metric}` by `{row_key}` (rows) × `{col_key}` (columns), ± std over jobs", "",
+             f"| {row_key} \\ {col_key} | " + " | ".join(cols) + " | row mean |", "|" + "---|" * (len(cols) + 2)]
+    for r in rows:
+        vals = [cells[(r, c)] for c in cols if (r, c) in cells]
+        row_mean = sum(v for cell in vals for v in cell.changes) / max(1, sum(len(cell.changes) for cell in vals))
+        lines.append(f"| {r} | " + " | ".join(
+            f"{cells[(r, c)].mean:+.3f} ± {cells[(r, c)].std:.3f} (n={len(cells[(r, c)].changes)})"
+            if (r, c) in cells else "" for c in cols) + f" | {row_mean:+.3f} |")
+    col_means = []
+    for c in cols:
+        vals = [v for r in rows if (r, c) in cells for v in cells[(r, c)].changes]
+        col_means.append(f"{sum(vals) / len(vals):+.3f}" if vals else "")
+    lines.append("| column mean | " + " | ".join(col_means) + " | |")
+    return lines
+
+
+def _plot_pivot(rows: list[str], cols: list[str], cells: dict[tuple[str, str], PivotCell], row_key: str,
+                col_key: str, metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = [[cells[(r, c)].mean if (r, c) in cells else math.nan for c in cols] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.4 * len(cols) + 2.5, 1.0 * len(rows) + 1.8))
+    image = ax.imshow(grid, cmap="RdYlGn", aspect="auto")
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            if (r, c) in cells:
+                ax.text(j, i, f"{cells[(r, c)].mean:+.3f}\n±{cells[(r, c)].std:.3f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel(col_key)
+    ax.set_ylabel(row_key)
+    ax.set_title(f"mean change of {metric}", fontsize=9)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summarize(sweep_dir: Path, metric: str = "geneval/overall", out_dir: Path | None = None,
+              pivot: tuple[str, str] | None = None) -> dict[str, Path]:
+    """Write summary.csv / summary.md / summary.png (and, with ``pivot``, summary_pivot.png) for the sweep in
+    ``sweep_dir``; returns their paths."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise SystemExit(f"{sweep_dir}: no such sweep folder")
@@ -147,12 +228,21 @@ def summarize(sweep_dir: Path, metric: str = "geneval/overall", out_dir: Path | 
                           for val in _sort_values(list(groups))]
         lines += ["", f"## Mean final `{metric}` by `{key}`", "", "| value | mean | jobs |", "|---|---|---|"]
         lines += [f"| {val} | {mean:.4f} | {n} |" for val, mean, n in marginals[key]]
+    paths = {"csv": csv_path}
+    if pivot is not None:
+        missing = [k for k in pivot if k not in keys]
+        if missing:
+            raise SystemExit(f"--pivot: {missing} not swept in {sweep_dir}; swept keys: {keys}")
+        rows_, cols_, cells = pivot_changes(jobs, pivot[0], pivot[1], metric)
+        lines += _pivot_lines(rows_, cols_, cells, pivot[0], pivot[1], metric)
+        paths["pivot_png"] = out_dir / "summary_pivot.png"
+        _plot_pivot(rows_, cols_, cells, pivot[0], pivot[1], metric, paths["pivot_png"])
     md_path = out_dir / "summary.md"
     md_path.write_text("\n".join(lines) + "\n")
 
     png_path = out_dir / "summary.png"
     _plot(jobs, keys, marginals, metric, png_path)
-    return {"csv": csv_path, "md": md_path, "png": png_path}
+    return {**paths, "md": md_path, "png": png_path}
 
 
 def _plot(jobs: list[SweepJob], keys: list[str], marginals: dict, metric: str, path: Path) -> None:
@@ -192,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="the multirun folder (hydra.sweep.dir)")
     parser.add_argument("--metric", default="geneval/overall", help="summary.json metric to compare")
     parser.add_argument("--out", type=Path, default=None, help="where to write the files (default: sweep_dir)")
+    parser.add_argument("--pivot", nargs=2, metavar=("ROW_KEY", "COL_KEY"), default=None,
+                        help="also tabulate and plot the mean change over a 2-D grid of two swept keys")
     args = parser.parse_args(argv)
-    paths = summarize(args.sweep_dir, args.metric, args.out)
+    paths = summarize(args.sweep_dir, args.metric, args.out, tuple(args.pivot) if args.pivot else None)
     print(paths["md"].read_text())
     for kind, path in paths.items():
         print(f"{kind}: {path}")

@@ -68,6 +68,53 @@ def bootstrap_gain(starts: list[dict], ends: list[dict], keys_by_task: dict[str,
     return point, float(lo), float(hi)
 
 
+def load_run(run_dir: Path, keys_by_task: dict[str, list[str]] | None = None
+             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, list[str]]]:
+    """Per-prompt shares of correct images before and after training of one ``fit`` run folder, and the task ->
+    prompt keys map they are ordered by (built from this run when ``keys_by_task`` is None)."""
+    start, end = read_rows(run_dir / "val_start_images.jsonl"), read_rows(run_dir / "val_end_images.jsonl")
+    if set(start) != set(end):
+        raise SystemExit(f"{run_dir}: the validation images before and after differ in their prompts")
+    if keys_by_task is None:
+        by_task: dict[str, set[str]] = defaultdict(set)
+        for (key, _), (tag, _) in start.items():
+            by_task[tag].add(key)
+        keys_by_task = {t: sorted(k) for t, k in sorted(by_task.items())}
+    return per_prompt(start, keys_by_task), per_prompt(end, keys_by_task), keys_by_task
+
+
+def paired_difference(a: tuple[list[dict], list[dict]], b: tuple[list[dict], list[dict]],
+                      keys_by_task: dict[str, list[str]], resamples: int, seed: int = 0
+                      ) -> tuple[float, float, float, float]:
+    """Mean gain of method ``a`` minus that of method ``b`` (each ``(starts, ends)`` per seed, seeds paired by
+    position), with its 95% paired bootstrap interval and a two-sided bootstrap p-value.
+
+    Each resample draws the validation prompts with replacement within each task and the seeds with replacement,
+    the same draw for both methods (same seed = same validation images before training), and computes
+    ``d = mean_s gain_a(s) − mean_s gain_b(s)``. The interval is the 2.5%/97.5% quantiles of ``d``;
+    ``p = min(1, 2 · min(P(d ≤ 0), P(d ≥ 0)))``: the difference is significant at 5% when the interval excludes 0.
+    """
+    (sa, ea), (sb, eb) = a, b
+    if len(sa) != len(sb):
+        raise ValueError(f"paired_difference needs the same seeds for both methods, got {len(sa)} and {len(sb)}")
+    rng = np.random.default_rng(seed)
+    ones = {t: np.ones(len(k)) for t, k in keys_by_task.items()}
+
+    def gains(starts, ends, w):
+        return np.array([overall(e, w) - overall(s, w) for s, e in zip(starts, ends)])
+
+    point = float(np.mean(gains(sa, ea, ones)) - np.mean(gains(sb, eb, ones)))
+    draws = np.empty(resamples)
+    for i in range(resamples):
+        w = {t: np.bincount(rng.integers(0, len(k), len(k)), minlength=len(k)).astype(float)
+             for t, k in keys_by_task.items()}
+        pick = rng.integers(0, len(sa), len(sa))
+        draws[i] = gains(sa, ea, w)[pick].mean() - gains(sb, eb, w)[pick].mean()
+    lo, hi = np.quantile(draws, [0.025, 0.975])
+    p_value = min(1.0, 2.0 * min(float(np.mean(draws <= 0)), float(np.mean(draws >= 0))))
+    return point, float(lo), float(hi), p_value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -87,15 +134,7 @@ def main() -> None:
             print("$", " ".join(cmd[1:]), flush=True)
             subprocess.run(cmd, check=True, env=dict(os.environ))
         summary = json.loads((run_dir / "summary.json").read_text())
-        start, end = read_rows(run_dir / "val_start_images.jsonl"), read_rows(run_dir / "val_end_images.jsonl")
-        if set(start) != set(end):
-            raise SystemExit(f"{run_dir}: the validation images before and after differ in their prompts")
-        if keys_by_task is None:
-            by_task: dict[str, set[str]] = defaultdict(set)
-            for (key, _), (tag, _) in start.items():
-                by_task[tag].add(key)
-            keys_by_task = {t: sorted(k) for t, k in sorted(by_task.items())}
-        s, e = per_prompt(start, keys_by_task), per_prompt(end, keys_by_task)
+        s, e, keys_by_task = load_run(run_dir, keys_by_task)
         starts.append(s)
         ends.append(e)
         ones = {t: np.ones(len(k)) for t, k in keys_by_task.items()}

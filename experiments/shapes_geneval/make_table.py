@@ -26,6 +26,8 @@ ORDER = ["Base (warm start)", "GRPO", "UniGRPO", "MaskGRPO", "TraceRL-style", "d
          "MAR base (warm start)", "MAR-GRPO plain", "MAR-GRPO"]
 START, END = "<!-- study-table:start -->", "<!-- study-table:end -->"
 MAR_START, MAR_END = "<!-- mar-study-table:start -->", "<!-- mar-study-table:end -->"  # optional: the MAR rows
+GAIN_START, GAIN_END = "<!-- study-gain:start -->", "<!-- study-gain:end -->"  # optional: gains, CIs, tests
+REFERENCE = "HT-GRPO"  # the method every other one is tested against
 
 
 def _load(path: Path) -> dict | None:
@@ -126,6 +128,70 @@ def write_table(study: Path | list[Path], readme: Path) -> str:
     return text
 
 
+def _method_runs(study: Path) -> dict[str, dict[int, Path]]:
+    """method -> seed -> run folder, for the runs that kept their per-image validation results."""
+    runs: dict[str, dict[int, Path]] = defaultdict(dict)
+    for run_dir in sorted(study.glob("*/seed*")):
+        if (run_dir / "val_start_images.jsonl").exists() and (run_dir / "val_end_images.jsonl").exists():
+            runs[run_dir.parent.name.replace("_", " ")][int(run_dir.name[len("seed"):])] = run_dir
+    return dict(runs)
+
+
+def render_gains(study: Path, reference: str = REFERENCE, resamples: int = 10000) -> str:
+    """Per method: mean gain over seeds with its 95% bootstrap interval, and the difference from ``reference``
+    with its paired 95% interval and p-value (gain.py's ``bootstrap_gain`` / ``paired_difference``: prompts
+    resampled within task, seeds resampled, the same draws for both methods)."""
+    sys.path.insert(0, str(HERE))
+    from gain import bootstrap_gain, load_run, paired_difference
+
+    runs = _method_runs(study)
+    if not runs:
+        raise SystemExit(f"{study}: no runs with val_start_images.jsonl / val_end_images.jsonl")
+    keys_by_task = None
+    loaded: dict[str, dict[int, tuple[dict, dict]]] = {}
+    for method, seeds in runs.items():
+        loaded[method] = {}
+        for seed, run_dir in sorted(seeds.items()):
+            start, end, keys_by_task = load_run(run_dir, keys_by_task)
+            loaded[method][seed] = (start, end)
+    assert keys_by_task is not None
+    images = sum(1 for _ in open(next(iter(next(iter(runs.values())).values())) / "val_start_images.jsonl"))
+    head = ["method", "seeds", "mean gain", "95% interval", f"gain − {reference}", "95% interval", "p",
+            f"differs from {reference}?"]
+    lines = [f"Gain of GenEval overall over the warm start ({images} validation images per evaluation, "
+             f"{sum(len(k) for k in keys_by_task.values())} prompts); intervals: {resamples} bootstrap resamples of "
+             "the seeds and, within each task, of the validation prompts (paired). A difference is significant at 5% "
+             "when its interval excludes 0.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    methods = sorted(loaded, key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+    for method in methods:
+        seeds = sorted(loaded[method])
+        starts = [loaded[method][k][0] for k in seeds]
+        ends = [loaded[method][k][1] for k in seeds]
+        point, lo, hi = bootstrap_gain(starts, ends, keys_by_task, resamples)
+        row = [method, ",".join(map(str, seeds)), f"{point:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]"]
+        common = [k for k in seeds if k in loaded.get(reference, {})]
+        if method == reference or not common:
+            row += ["–", "–", "–", "–" if method == reference else "no common seeds"]
+        else:
+            diff, dlo, dhi, p_value = paired_difference(
+                ([loaded[method][k][0] for k in common], [loaded[method][k][1] for k in common]),
+                ([loaded[reference][k][0] for k in common], [loaded[reference][k][1] for k in common]),
+                keys_by_task, resamples)
+            verdict = "no" if dlo <= 0 <= dhi else ("yes, higher" if diff > 0 else "yes, lower")
+            row += [f"{diff:+.3f}", f"[{dlo:+.3f}, {dhi:+.3f}]", f"{p_value:.3f}", verdict]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def write_gains(study: Path, readme: Path, resamples: int = 10000) -> str:
+    """Render the gain / significance table of ``study`` and put it between the README's gain markers (if any)."""
+    text = render_gains(study, resamples=resamples)
+    doc = readme.read_text() if readme.exists() else ""
+    if GAIN_START in doc and GAIN_END in doc:
+        readme.write_text(_replace_between(doc, GAIN_START, GAIN_END, text))
+    return text
+
+
 def _replace_between(doc: str, start: str, end: str, text: str) -> str:
     before, rest = doc.split(start, 1)
     _, after = rest.split(end, 1)
@@ -142,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     studies = args.study or [d for d in (root / "logs" / "study", root / "logs" / "study_mar") if d.is_dir()] \
         or [root / "logs" / "study"]
     print(write_table(studies, args.readme))
+    llada = [d for d in studies if d.name != "study_mar"]
+    if llada and _method_runs(llada[0]):
+        print(write_gains(llada[0], args.readme))
     return 0
 
 

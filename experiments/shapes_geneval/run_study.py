@@ -129,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
 
     studies = [args.log_dir / name for name in dict.fromkeys(["study", "study_mar", args.study_name])]
     print(write_table([d for d in studies if d.is_dir()], HERE / "README.md"))
+    if any(family(m) == "llada" for m in args.methods):
+        from make_table import write_gains
+
+        print(write_gains(args.log_dir / "study", HERE / "README.md"))  # gains, intervals, tests against HT-GRPO
     if any(family(m) == "mar" for m in args.methods):
         from stability import write_table as write_stability
 

@@ -7,6 +7,7 @@ benchmark's fixed prompt set, served in order, each prompt once (the module draw
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -17,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from htgrpo.config import require
 from htgrpo.data.prompt_sets import PromptSet, ShapesPromptStream, StreamItem
 from htgrpo.data.records import BenchmarkPrompt
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(init=False)
@@ -141,6 +144,11 @@ class PromptDataModule(L.LightningDataModule):
         require(int(val_batch_size) >= 1, "val_batch_size", f"must be >= 1, got {val_batch_size}")
         require(int(train_length) >= 1, "train_length", f"must be >= 1, got {train_length}")
         require(int(num_workers) >= 0, "num_workers", f"must be >= 0, got {num_workers}")
+        block = getattr(train, "block_size", 0)
+        if block and int(batch_size) % block:
+            # Still balanced over every block, just not within each batch: worth a word, not a failure.
+            log.warning("data.batch_size=%s is not a multiple of the stratified block of %d prompts "
+                        "(data.train.task_weights): batches will not all have the same task mix", batch_size, block)
         self.train_source, self.val_prompts = train, val_prompts
         self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size)
         self.train_length, self.num_workers, self.seed = int(train_length), int(num_workers), int(seed)

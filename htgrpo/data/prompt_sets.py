@@ -167,18 +167,25 @@ class ShapesPromptStream:
     """Seeded, index-addressable stream of ShapesWorld training prompts (and target images).
 
     Example ``i`` is drawn from ``numpy.random.default_rng([seed, i])``: a dense DPG-style prompt with
-    probability ``dpg_fraction``, otherwise a GenEval-style prompt of a task drawn with ``task_weights``.
+    probability ``dpg_fraction``, otherwise a GenEval-style prompt of a task chosen by ``task_schedule``:
+
+    * ``random``: the task is drawn with probabilities ``task_weights``;
+    * ``stratified``: the stream is cut into blocks of ``B = sum(task_weights)`` examples (integer weights) and
+      each block holds every task exactly ``weight`` times, in an order shuffled per block with
+      ``default_rng([seed, block, 1])``. A batch of a multiple of ``B`` prompts then always has the same task mix,
+      so the batch-mean reward moves with training rather than with which tasks the batch happened to draw.
 
     Args:
         world: ShapesWorld geometry.
         seed: stream seed (keep it different from the validation set's seed).
-        task_weights: relative frequency of each GenEval task (missing tasks get 0).
+        task_weights: relative frequency of each GenEval task (missing tasks get 0); integers with ``stratified``.
         dpg_fraction: probability of a dense DPG-style prompt, in [0, 1].
         with_images: also render a scene that satisfies the prompt (supervised warm start).
+        task_schedule: ``random`` | ``stratified`` (see above).
     """
 
     def __init__(self, world: ShapesWorldConfig, seed: int = 0, task_weights: dict[str, float] | None = None,
-                 dpg_fraction: float = 0.0, with_images: bool = False):
+                 dpg_fraction: float = 0.0, with_images: bool = False, task_schedule: str = "random"):
         weights = dict(task_weights) if task_weights is not None else {t: 1.0 for t in GENEVAL_TASKS}
         unknown = [t for t in weights if t not in GENEVAL_TASKS]
         require(not unknown, "task_weights", f"unknown task(s) {unknown}; tasks are {list(GENEVAL_TASKS)}")
@@ -191,6 +198,28 @@ class ShapesPromptStream:
         self.task_probs = np.array([float(weights[t]) for t in self.tasks], dtype=np.float64)
         if self.task_probs.size:
             self.task_probs /= self.task_probs.sum()
+        require(task_schedule in ("random", "stratified"), "task_schedule",
+                f"must be random or stratified, got {task_schedule!r}")
+        self.task_schedule = str(task_schedule)
+        self.block: tuple[str, ...] = ()
+        if self.task_schedule == "stratified":
+            counts = {t: float(weights[t]) for t in self.tasks}
+            require(all(c == int(c) for c in counts.values()), "task_weights",
+                    f"task_schedule=stratified needs whole-number weights (each is how often the task appears in a "
+                    f"block), got {counts}")
+            self.block = tuple(t for t in self.tasks for _ in range(int(counts[t])))
+
+    @property
+    def block_size(self) -> int:
+        """Examples per stratified block (each task ``weight`` times); 0 with ``task_schedule=random``."""
+        return len(self.block)
+
+    def _task_of(self, index: int, rng: np.random.Generator) -> str:
+        if self.task_schedule == "random":
+            return self.tasks[int(rng.choice(len(self.tasks), p=self.task_probs))]
+        block, slot = divmod(int(index), len(self.block))
+        order = np.random.default_rng([self.seed, block, 1]).permutation(len(self.block))
+        return self.block[int(order[slot])]
 
     def __getitem__(self, index: int) -> StreamItem:
         from htgrpo.data.shapes.prompts import random_dpg_item, random_geneval_record
@@ -200,7 +229,7 @@ class ShapesPromptStream:
             record: GenEvalRecord | DPGItem = random_dpg_item(rng, self.world, item_id=f"train{index}")
             prompt = _dpg_prompt("shapes_dpg", record)
         else:
-            tag = self.tasks[int(rng.choice(len(self.tasks), p=self.task_probs))]
+            tag = self._task_of(index, rng)
             record = random_geneval_record(rng, self.world, tag)
             prompt = _geneval_prompt("shapes_geneval", int(index), record)
         image = render_record(record, rng, self.world) if self.with_images else None
