@@ -12,6 +12,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(module_name: str, path: Path):
+    """Import a script that is not in a package (experiments/..., sweeps/...) as ``module_name``; registered in
+    ``sys.modules`` first, because dataclasses look their module up there."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 CONFIG_DIR = REPO_ROOT / "conf"
 
 

@@ -4,7 +4,6 @@ schedule of the ShapesWorld prompt stream that steadies the rollout reward."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from collections import Counter
@@ -12,22 +11,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 
 STUDY = REPO_ROOT / "experiments" / "shapes_geneval"
 sys.path.insert(0, str(STUDY))  # make_table imports gain from its own folder
 
 
-def _load(name: str, file: str):
-    spec = importlib.util.spec_from_file_location(name, STUDY / file)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gain = _load("study_gain", "gain.py")
-make_table = _load("study_make_table_stats", "make_table.py")
+gain = load_script("study_gain", STUDY / "gain.py")
+make_table = load_script("study_make_table_stats", STUDY / "make_table.py")
 
 KEYS = {"colors": ["00000", "00001"], "counting": ["00002", "00003"]}
 

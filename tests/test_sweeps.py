@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 from test_cli import run_cli
 from test_ht_grpo import TINY_RL
 
-spec = importlib.util.spec_from_file_location("sweep_summarize", REPO_ROOT / "sweeps" / "summarize.py")
-summarize_module = importlib.util.module_from_spec(spec)
-sys.modules["sweep_summarize"] = summarize_module  # dataclasses look their module up there
-spec.loader.exec_module(summarize_module)
+summarize_module = load_script("sweep_summarize", REPO_ROOT / "sweeps" / "summarize.py")
 
 
 def test_tiny_credit_sweep_runs_and_summarises(tmp_path):
