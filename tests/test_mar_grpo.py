@@ -88,6 +88,42 @@ def test_palette_tokens_are_lossless_and_decode_like_the_palette_tokenizer():
     assert torch.equal(policy.codec.tokens_to_codes(noisy), codes)
 
 
+def test_onehot_token_code_is_lossless_and_survives_save_load(tmp_path):
+    policy = build_mar_policy(WORLD, token_code="onehot", token_scale=0.5, **TINY_MAR)
+    num_colours = policy.image_tokenizer.palette.shape[0]
+    images = a_batch(2).images
+    tokens = policy.encode_images(images)
+    # one channel per palette colour: +scale at the cell's colour, -scale elsewhere
+    assert tokens.shape == (2, 256, num_colours) and policy.config.token_embed_dim == num_colours
+    assert torch.equal((tokens > 0).sum(-1), torch.ones(2, 256, dtype=torch.long))
+    assert set(tokens.unique().tolist()) == {-0.5, 0.5}
+    assert torch.equal(policy.decode_tokens(tokens), images)
+    policy.save_pretrained(tmp_path / "p")
+    loaded = build_mar_policy(WORLD, init="pretrained", pretrained_path=str(tmp_path / "p"))
+    assert loaded.token_code == "onehot" and loaded.token_scale == 0.5
+    assert torch.equal(loaded.encode_images(images), tokens)
+    with pytest.raises(ConfigError, match="token_code"):
+        build_mar_policy(WORLD, token_code="bits", **TINY_MAR)
+
+
+def test_condition_to_latent_adds_the_pooled_caption_to_every_z(tmp_path):
+    assert not any("condition_latent_proj" in k for k in tiny_policy().state_dict())   # off: LTH14's parameters
+    policy = build_mar_policy(WORLD, condition_to_latent=True, **TINY_MAR)
+    mar = policy.mar
+    batch = a_batch(2)
+    tokens = policy.encode_images(batch.images)
+    mask = mar.random_masking(tokens, mar.random_orders(2, torch.Generator().manual_seed(0)), mask_rate=0.8)
+    emb = mar.condition_embedding(policy.encode_prompts(batch.texts))                    # (B, buffer, E)
+    z = mar.ar_latents(tokens, mask, emb)
+    backbone_only = mar.forward_mae_decoder(mar.forward_mae_encoder(tokens, mask, emb), mask)
+    added = mar.condition_latent_proj(emb.mean(dim=1))                                   # (B, Dz)
+    assert torch.allclose(z - backbone_only, added[:, None, :].expand_as(z), atol=1e-5)
+    assert not torch.allclose(added[0], added[1])                                        # different captions
+    policy.save_pretrained(tmp_path / "p")
+    loaded = build_mar_policy(WORLD, init="pretrained", pretrained_path=str(tmp_path / "p"))
+    assert loaded.config.condition_to_latent and torch.equal(loaded.mar.ar_latents(tokens, mask, emb), z)
+
+
 def test_save_load_round_trip_gives_the_same_weights_and_samples(tmp_path):
     policy = tiny_policy().eval()
     policy.save_pretrained(tmp_path / "p")

@@ -51,7 +51,7 @@ DEFAULT_POLICY = Path(os.environ.get("HTGRPO_ARTIFACTS", Path(__file__).resolve(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", default=None, help=f"saved MAR policy folder (default: {DEFAULT_POLICY} if present)")
-    ap.add_argument("--prompts", type=int, default=2, help="prompts per rollout batch (shapes_mar_grpo: 2)")
+    ap.add_argument("--prompts", type=int, default=6, help="prompts per rollout batch (shapes_mar_grpo: 6)")
     ap.add_argument("--generations", type=int, default=8, help="num_generations (shapes_mar_grpo: 8)")
     ap.add_argument("--ar-steps", type=int, default=64, help="AR steps of the rollouts (sampler=mar: 64)")
     ap.add_argument("--diffusion-steps", default="ddim25", help="head sampling steps (shapes_mar_grpo: ddim25)")

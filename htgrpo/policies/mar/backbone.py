@@ -101,6 +101,10 @@ class MARConfig:
     """``mean`` (masked mean → one vector broadcast over the buffer) or ``tokens`` (one buffer slot per text token;
     needs text_max_len <= buffer_size)."""
     text_pad_id: int = 0
+    condition_to_latent: bool = False
+    """Also add Linear(mean over the buffer of the condition embedding) to every z: a direct path from the caption to
+    the head (not in LTH14/Harmon; off = their numerics). A tiny toy MAR trained for minutes otherwise learns z almost
+    independent of its caption."""
 
     def __post_init__(self) -> None:
         self.num_sampling_steps = str(self.num_sampling_steps)
@@ -447,6 +451,7 @@ class MAR(nn.Module):
                   proj_drop=c.proj_dropout, attn_drop=c.attn_dropout) for _ in range(c.decoder_depth))
         self.decoder_norm = norm_layer(Dd)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, c.seq_len, Dd))
+        self.condition_latent_proj = nn.Linear(E, Dd) if c.condition_to_latent else None
         self._initialize_core()
 
         # -- diffusion head --
@@ -615,8 +620,13 @@ class MAR(nn.Module):
         return x[:, self.buffer_size:] + self.grid_pos_embed("diffusion_pos_embed_learned")
 
     def ar_latents(self, tokens: Tensor, mask: Tensor, condition_embedding: Tensor) -> Tensor:
-        """z (B, L, Dz) for every position given the known tokens (encoder + decoder, no head)."""
-        return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, condition_embedding), mask)
+        """z (B, L, Dz) for every position given the known tokens (encoder + decoder, no head); with
+        ``condition_to_latent``, z + condition_latent_proj(mean over the buffer of the condition embedding)."""
+        z = self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, condition_embedding), mask)
+        if self.condition_latent_proj is not None:
+            pooled = self._buffer(condition_embedding, tokens.shape[0]).mean(dim=1)            # (B, E)
+            z = z + self.condition_latent_proj(pooled.to(z.dtype)).unsqueeze(1)
+        return z
 
     def guided_ar_latents(self, tokens: Tensor, mask: Tensor, condition_embedding: Tensor,
                           unconditional_embedding: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,6 +1,7 @@
 """The ShapesWorld MAR policy: a tiny text-conditioned MAR whose continuous tokens are cell colours.
 
-Tokens: one 3-d vector per cell of the 16×16 grid, the palette RGB scaled to [−1, 1] (times ``token_scale``). A
+Tokens: one vector per cell of the grid, by ``token_code``: the palette RGB scaled to [−1, 1] (``rgb``, 3-d) or a
+±1 one-hot of the palette index (``onehot``, one channel per colour), times ``token_scale``. A
 ground-truth image is encoded through the palette image tokenizer (codes → palette vectors); generated tokens are
 decoded to the **nearest palette colour** and then through the same tokenizer, so a MAR image is exactly the uint8
 image the LLaDA toy policy would produce from those codes (and is scored by the same detector).
@@ -15,7 +16,7 @@ Sampling goes through :class:`~htgrpo.policies.mar.sampling.MARSamplerSettings` 
 Folder format (``save_pretrained`` / ``from_pretrained``)::
 
     policy.json            {"type": "shapes_mar", ...}
-    config.json            {"mar": MARConfig fields, "token_scale": s}
+    config.json            {"mar": MARConfig fields, "token_scale": s, "token_code": "rgb" | "onehot"}
     model.safetensors      MAR state_dict (LTH14 names: z_proj, encoder_blocks.*, diffloss.net.*, text_encoder.*)
     text_tokenizer.json    word vocabulary
     image_tokenizer.json   palette tokenizer (grid, cell size, palette)
@@ -69,25 +70,44 @@ def sincos_2d_embedding(dim: int, grid_h: int, grid_w: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class PaletteTokenCodec:
-    """Continuous cell tokens <-> palette codes: palette RGB/127.5 − 1, times ``scale`` (K, 3)."""
+TOKEN_CODES = ("rgb", "onehot")
 
-    def __init__(self, image_tokenizer: PaletteImageTokenizer, scale: float = 1.0):
+
+def palette_code_vectors(palette_rgb: Tensor, code: str, scale: float) -> Tensor:
+    """(K, D) continuous token of every palette colour.
+
+    ``rgb``    (D = 3):  v_k = (RGB_k / 127.5 − 1)·scale. Neighbouring colours (orange/yellow, red/brown) sit ~0.5·scale
+               apart, and the background grey is the centre of the cube, i.e. the mean of a spread of colours.
+    ``onehot`` (D = K):  v_k = (2·e_k − 1)·scale, every colour a corner of the ±scale cube; all pairs are 2√2·scale
+               apart and no blend of colours is itself a colour (tokens stay continuous; decoding is still nearest).
+    """
+    require_choice(code, TOKEN_CODES, "token_code")
+    if code == "rgb":
+        return (palette_rgb.float() / 127.5 - 1.0) * float(scale)
+    num_colours = int(palette_rgb.shape[0])
+    return (2.0 * torch.eye(num_colours) - 1.0) * float(scale)
+
+
+class PaletteTokenCodec:
+    """Continuous cell tokens <-> palette codes (``code``: see :func:`palette_code_vectors`), times ``scale``."""
+
+    def __init__(self, image_tokenizer: PaletteImageTokenizer, scale: float = 1.0, code: str = "rgb"):
         require(float(scale) > 0, "token_scale", f"must be > 0, got {scale}")
         self.image_tokenizer = image_tokenizer
         self.scale = float(scale)
-        self.vectors = (image_tokenizer.palette.float() / 127.5 - 1.0) * self.scale  # (K, 3)
+        self.code = str(code)
+        self.vectors = palette_code_vectors(image_tokenizer.palette, self.code, self.scale)  # (K, D)
 
     @property
     def token_dim(self) -> int:
         return int(self.vectors.shape[1])
 
     def codes_to_tokens(self, codes: Tensor) -> Tensor:
-        """(B, N) palette codes → (B, N, 3) float tokens."""
+        """(B, N) palette codes → (B, N, D) float tokens."""
         return self.vectors.to(codes.device)[codes.long()]
 
     def tokens_to_codes(self, tokens: Tensor) -> Tensor:
-        """(B, N, 3) tokens → (B, N) nearest palette code (Euclidean)."""
+        """(B, N, D) tokens → (B, N) nearest palette code (Euclidean)."""
         vec = self.vectors.to(device=tokens.device, dtype=tokens.dtype)
         dist = ((tokens.unsqueeze(-2) - vec) ** 2).sum(-1)  # (B, N, K)
         return dist.argmin(-1)
@@ -118,29 +138,33 @@ class ShapesMARPolicy(WrapsMAR, nn.Module):
     """A text-conditioned :class:`MAR` + the palette token codec + the word tokenizer. ``mar`` holds every parameter.
 
     Args:
-        mar: the MAR model (``conditioning="text"``; ``token_embed_dim`` = 3).
+        mar: the MAR model (``conditioning="text"``; ``token_embed_dim`` = the code's width: 3 for ``rgb``, the
+            palette size for ``onehot``).
         text_tokenizer: the word tokenizer (its vocabulary size must fit ``mar.config.text_vocab_size``).
         image_tokenizer: the palette image tokenizer (its grid must match ``seq_h × seq_w``).
-        token_scale: tokens are palette RGB/127.5 − 1 times this.
+        token_scale: tokens are the code vectors times this.
+        token_code: ``rgb`` or ``onehot`` (:func:`palette_code_vectors`).
     """
 
     def __init__(self, mar: MAR, text_tokenizer: WordTextTokenizer, image_tokenizer: PaletteImageTokenizer,
-                 token_scale: float = 1.0):
+                 token_scale: float = 1.0, token_code: str = "rgb"):
         super().__init__()
         c = mar.config
         if c.conditioning != "text":
             raise ValueError(f"ShapesMARPolicy needs a text-conditioned MAR, got conditioning={c.conditioning!r}")
         if (c.seq_h, c.seq_w) != (image_tokenizer.grid_size, image_tokenizer.grid_size):
             raise ValueError(f"MAR grid {c.seq_h}x{c.seq_w} != image tokenizer grid {image_tokenizer.grid_size}")
-        if c.token_embed_dim != 3:
-            raise ValueError(f"token_embed_dim must be 3 (RGB cell colour), got {c.token_embed_dim}")
+        codec = PaletteTokenCodec(image_tokenizer, token_scale, token_code)
+        if c.token_embed_dim != codec.token_dim:
+            raise ValueError(f"token_embed_dim must be {codec.token_dim} (token_code={token_code!r}), got "
+                             f"{c.token_embed_dim}")
         if text_tokenizer.vocab_size > c.text_vocab_size:
             raise ValueError(f"text tokenizer has {text_tokenizer.vocab_size} words, MAR text_vocab_size is "
                              f"{c.text_vocab_size}")
         self.mar = mar
         self.text_tokenizer = text_tokenizer
         self.image_tokenizer = image_tokenizer
-        self.codec = PaletteTokenCodec(image_tokenizer, token_scale)
+        self.codec = codec
         self._diffusions: dict[str, GaussianDiffusion] = {}
         self._sampling_steps = str(c.num_sampling_steps)
 
@@ -148,6 +172,10 @@ class ShapesMARPolicy(WrapsMAR, nn.Module):
     @property
     def token_scale(self) -> float:
         return self.codec.scale
+
+    @property
+    def token_code(self) -> str:
+        return self.codec.code
 
     # -- inputs -------------------------------------------------------------------------------------------------
     def encode_prompts(self, texts: str | Sequence[str]) -> TextCondition:
@@ -199,7 +227,8 @@ class ShapesMARPolicy(WrapsMAR, nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.mar.state_dict().items()}
         save_file(state, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
         with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            json.dump({"mar": self.config.to_dict(), "token_scale": self.token_scale}, f, indent=2)
+            json.dump({"mar": self.config.to_dict(), "token_scale": self.token_scale,
+                       "token_code": self.token_code}, f, indent=2)
         self.text_tokenizer.save_pretrained(directory)
         self.image_tokenizer.save_pretrained(directory)
         with open(os.path.join(directory, POLICY_FILE), "w") as f:
@@ -228,7 +257,7 @@ class ShapesMARPolicy(WrapsMAR, nn.Module):
             raise ConfigError(config_key, f"{path}: weights do not fit the saved config (missing {missing[:5]}, "
                                           f"unexpected {unexpected[:5]})")
         return cls(mar, WordTextTokenizer.from_pretrained(path), PaletteImageTokenizer.from_pretrained(path),
-                   token_scale=float(cfg.get("token_scale", 1.0)))
+                   token_scale=float(cfg.get("token_scale", 1.0)), token_code=str(cfg.get("token_code", "rgb")))
 
     @classmethod
     def toy(cls, world: ShapesWorldConfig | None = None, vocabulary: Sequence[str] | None = None, *,
@@ -237,7 +266,8 @@ class ShapesMARPolicy(WrapsMAR, nn.Module):
             text_pooling: str = "tokens", head_width: int = 64, head_depth: int = 2,
             num_sampling_steps: int | str = "ddim25",
             diffusion_batch_mul: int = 4, mask_ratio_min: float = 0.7, dropout: float = 0.0,
-            token_scale: float = 1.0, pos_embed_init: str = "sincos", seed: int = 0) -> "ShapesMARPolicy":
+            token_scale: float = 1.0, token_code: str = "rgb", pos_embed_init: str = "sincos",
+            condition_to_latent: bool = False, seed: int = 0) -> "ShapesMARPolicy":
         """A randomly initialised ShapesWorld MAR (same encoder/decoder width ``d_model`` and depth ``n_layers``).
 
         ``pos_embed_init="sincos"`` starts the grid rows of the three learned position embeddings from 2-d sin-cos
@@ -249,8 +279,9 @@ class ShapesMARPolicy(WrapsMAR, nn.Module):
         world = world or ShapesWorldConfig()
         text_tok = WordTextTokenizer(list(VOCABULARY) if vocabulary is None else vocabulary)
         image_tok = PaletteImageTokenizer(world.grid_size, world.cell_px)
+        token_dim = PaletteTokenCodec(image_tok, token_scale, token_code).token_dim
         config = MARConfig(
-            seq_h=world.grid_size, seq_w=world.grid_size, token_embed_dim=3,
+            seq_h=world.grid_size, seq_w=world.grid_size, token_embed_dim=token_dim,
             encoder_embed_dim=d_model, encoder_depth=n_layers, encoder_num_heads=n_heads,
             decoder_embed_dim=d_model, decoder_depth=n_layers, decoder_num_heads=n_heads, mlp_ratio=mlp_ratio,
             buffer_size=buffer_size, conditioning="text", label_drop_prob=0.0, mask_ratio_min=mask_ratio_min,
@@ -258,7 +289,7 @@ class ShapesMARPolicy(WrapsMAR, nn.Module):
             num_sampling_steps=str(num_sampling_steps), diffusion_batch_mul=diffusion_batch_mul,
             text_vocab_size=text_tok.vocab_size, text_max_len=text_max_len, text_width=text_width,
             text_depth=text_depth, text_num_heads=text_heads, text_pooling=text_pooling,
-            text_pad_id=text_tok.pad_token_id)
+            text_pad_id=text_tok.pad_token_id, condition_to_latent=bool(condition_to_latent))
         require_choice(pos_embed_init, POS_EMBED_INITS, "pos_embed_init")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -269,7 +300,7 @@ class ShapesMARPolicy(WrapsMAR, nn.Module):
                                      ("decoder_pos_embed_learned", buffer_size), ("diffusion_pos_embed_learned", 0)):
                     param = getattr(mar, name)
                     param[0, prefix:] = sincos_2d_embedding(param.shape[-1], world.grid_size, world.grid_size)
-        return cls(mar, text_tok, image_tok, token_scale=token_scale)
+        return cls(mar, text_tok, image_tok, token_scale=token_scale, token_code=token_code)
 
 
 def is_mar_policy_folder(path: str | os.PathLike) -> bool:
@@ -288,7 +319,8 @@ def build_mar_policy(world: ShapesWorldConfig, init: str = "scratch", pretrained
                      buffer_size: int = 16, text_max_len: int = 16, text_width: int = 64, text_depth: int = 1,
                      text_heads: int = 2, text_pooling: str = "tokens", head_width: int = 64, head_depth: int = 2,
                      num_sampling_steps: int | str = "ddim25", diffusion_batch_mul: int = 4, mask_ratio_min: float = 0.7,
-                     dropout: float = 0.0, token_scale: float = 1.0, pos_embed_init: str = "sincos",
+                     dropout: float = 0.0, token_scale: float = 1.0, token_code: str = "rgb",
+                     pos_embed_init: str = "sincos", condition_to_latent: bool = False,
                      seed: int = 0) -> ShapesMARPolicy:
     """Build the ShapesWorld MAR policy (Hydra target of ``conf/policy/shapes_mar.yaml``).
 
@@ -305,8 +337,10 @@ def build_mar_policy(world: ShapesWorldConfig, init: str = "scratch", pretrained
         diffusion_batch_mul: training repeats of every masked token (independent t and noise).
         mask_ratio_min: training mask ratio ~ truncated N(1, 0.25²) on [mask_ratio_min, 1].
         dropout: attention and projection dropout of the MAR blocks.
-        token_scale: tokens are palette RGB/127.5 − 1 times this.
+        token_scale: tokens are the code vectors times this.
+        token_code: ``rgb`` (palette RGB/127.5 − 1, 3 channels) or ``onehot`` (2·e_k − 1, one channel per colour).
         pos_embed_init: ``sincos`` (2-d sin-cos start for the learned grid position embeddings) or ``random``.
+        condition_to_latent: add a projection of the pooled caption embedding to every z (MARConfig field).
         seed: initialisation seed of a scratch policy.
     """
     require_choice(init, ("scratch", "pretrained"), "init")
@@ -335,6 +369,7 @@ def build_mar_policy(world: ShapesWorldConfig, init: str = "scratch", pretrained
     require_range(float(mask_ratio_min), "mask_ratio_min", 0.0, 1.0)
     require_range(float(dropout), "dropout", 0.0, 1.0, high_inclusive=False)
     require(float(token_scale) > 0, "token_scale", f"must be > 0, got {token_scale}")
+    require_choice(token_code, TOKEN_CODES, "token_code")
     require_choice(pos_embed_init, POS_EMBED_INITS, "pos_embed_init")
     require(pos_embed_init != "sincos" or int(d_model) % 4 == 0, "d_model",
             f"must be divisible by 4 with pos_embed_init=sincos, got {d_model}")
@@ -349,7 +384,9 @@ def build_mar_policy(world: ShapesWorldConfig, init: str = "scratch", pretrained
                                head_width=int(head_width), head_depth=int(head_depth),
                                num_sampling_steps=num_sampling_steps, diffusion_batch_mul=int(diffusion_batch_mul),
                                mask_ratio_min=float(mask_ratio_min), dropout=float(dropout),
-                               token_scale=float(token_scale), pos_embed_init=pos_embed_init, seed=int(seed))
+                               token_scale=float(token_scale), token_code=str(token_code),
+                               pos_embed_init=pos_embed_init, condition_to_latent=bool(condition_to_latent),
+                               seed=int(seed))
 
 
 __all__ = [
@@ -357,8 +394,10 @@ __all__ = [
     "MARSamplerSettings",
     "MARTrainingLoss",
     "PaletteTokenCodec",
+    "TOKEN_CODES",
     "ShapesMARPolicy",
     "build_mar_policy",
     "is_mar_policy_folder",
+    "palette_code_vectors",
     "require_mar_sampler",
 ]
