@@ -23,7 +23,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from htgrpo._hydra import config_dir
+from htgrpo._hydra import config_dir, run_or_exit_on_config_error
 from htgrpo.config import ConfigError, instantiate_node
 
 log = logging.getLogger("htgrpo.export")
@@ -90,15 +90,16 @@ def export(ckpt_path: str | Path, out: str | Path, merge: bool = False,
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
 def main(cfg: DictConfig) -> None:
-    try:
-        for key in ("ckpt_path", "out"):
-            if OmegaConf.is_missing(cfg, key):
-                raise ConfigError(key, "is mandatory: set it on the command line (ckpt_path=RUN/checkpoints/last.ckpt"
-                                       " out=DIR)")
-        export(cfg.ckpt_path, cfg.out, merge=bool(cfg.merge), run_config=cfg.get("run_config"))
-    except ConfigError as err:
-        log.error("configuration error: %s", err)
-        raise SystemExit(f"Configuration error: {err}") from None
+    run_or_exit_on_config_error(run, cfg, log)
+
+
+def run(cfg: DictConfig) -> None:
+    """Export ``cfg.ckpt_path`` into ``cfg.out`` (both mandatory)."""
+    for key in ("ckpt_path", "out"):
+        if OmegaConf.is_missing(cfg, key):
+            raise ConfigError(key, "is mandatory: set it on the command line (ckpt_path=RUN/checkpoints/last.ckpt"
+                                   " out=DIR)")
+    export(cfg.ckpt_path, cfg.out, merge=bool(cfg.merge), run_config=cfg.get("run_config"))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from htgrpo._hydra import config_dir
-from htgrpo.config import ConfigError, instantiate_node
+from htgrpo._hydra import config_dir, run_or_exit_on_config_error
+from htgrpo.config import instantiate_node
 from htgrpo.strategies import check_strategy_supports, check_trainer_hardware
 
 log = logging.getLogger("htgrpo.fit")
@@ -146,11 +146,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="fit")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        summary = run(cfg)
-    except ConfigError as err:
-        log.error("configuration error: %s", err)
-        raise SystemExit(f"Configuration error: {err}") from None
+    summary = run_or_exit_on_config_error(run, cfg, log)
     overall = summary["val_end"].get("geneval/overall", summary["val_end"].get("dpg/overall"))
     return overall  # the value Hydra sweepers optimise
 

@@ -50,6 +50,12 @@ def per_prompt(rows: dict[tuple[str, int], tuple[str, bool]], keys_by_task: dict
     return {t: np.array([np.mean(acc[k]) for k in keys]) for t, keys in keys_by_task.items()}
 
 
+def resample_prompt_weights(rng: np.random.Generator, keys_by_task: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """Per task, the multiplicity of each prompt in one resample (with replacement) of that task's prompts."""
+    return {t: np.bincount(rng.integers(0, len(k), len(k)), minlength=len(k)).astype(float)
+            for t, k in keys_by_task.items()}
+
+
 def bootstrap_gain(starts: list[dict], ends: list[dict], keys_by_task: dict[str, list[str]], resamples: int,
                    seed: int = 0) -> tuple[float, float, float]:
     """Mean gain over seeds and its 95% percentile interval under a bootstrap of the seeds and, within each task,
@@ -59,9 +65,7 @@ def bootstrap_gain(starts: list[dict], ends: list[dict], keys_by_task: dict[str,
     point = float(np.mean([overall(e, ones) - overall(s, ones) for s, e in zip(starts, ends)]))
     draws = np.empty(resamples)
     for i in range(resamples):
-        # multiplicities of each prompt in a resample of its task's prompts
-        w = {t: np.bincount(rng.integers(0, len(k), len(k)), minlength=len(k)).astype(float)
-             for t, k in keys_by_task.items()}
+        w = resample_prompt_weights(rng, keys_by_task)
         gains = [overall(e, w) - overall(s, w) for s, e in zip(starts, ends)]
         draws[i] = np.mean([gains[j] for j in rng.integers(0, len(gains), len(gains))])  # seeds resampled too
     lo, hi = np.quantile(draws, [0.025, 0.975])
@@ -106,8 +110,7 @@ def paired_difference(a: tuple[list[dict], list[dict]], b: tuple[list[dict], lis
     point = float(np.mean(gains(sa, ea, ones)) - np.mean(gains(sb, eb, ones)))
     draws = np.empty(resamples)
     for i in range(resamples):
-        w = {t: np.bincount(rng.integers(0, len(k), len(k)), minlength=len(k)).astype(float)
-             for t, k in keys_by_task.items()}
+        w = resample_prompt_weights(rng, keys_by_task)
         pick = rng.integers(0, len(sa), len(sa))
         draws[i] = gains(sa, ea, w)[pick].mean() - gains(sb, eb, w)[pick].mean()
     lo, hi = np.quantile(draws, [0.025, 0.975])

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from htgrpo.config import ConfigError, require, require_range
+from htgrpo.config import ConfigError, require, require_choice, require_range
 from htgrpo.data.records import GENEVAL_TASKS, BenchmarkPrompt, DPGItem, GenEvalRecord
 from htgrpo.data.shapes.palette import ShapesWorldConfig
 
@@ -163,6 +163,10 @@ class StreamItem:
     image: torch.Tensor | None  # uint8 (3, H, W)
 
 
+TASK_SCHEDULES = ("random", "stratified")
+"""How a ShapesPromptStream picks each GenEval prompt's task (see its docstring)."""
+
+
 class ShapesPromptStream:
     """Seeded, index-addressable stream of ShapesWorld training prompts (and target images).
 
@@ -198,8 +202,7 @@ class ShapesPromptStream:
         self.task_probs = np.array([float(weights[t]) for t in self.tasks], dtype=np.float64)
         if self.task_probs.size:
             self.task_probs /= self.task_probs.sum()
-        require(task_schedule in ("random", "stratified"), "task_schedule",
-                f"must be random or stratified, got {task_schedule!r}")
+        require_choice(task_schedule, TASK_SCHEDULES, "task_schedule")
         self.task_schedule = str(task_schedule)
         self.block: tuple[str, ...] = ()
         if self.task_schedule == "stratified":

@@ -38,8 +38,8 @@ from htgrpo.data.shapes.palette import ShapesWorldConfig
 from htgrpo.policies.mar.backbone import MAR, MARConfig, TextCondition
 from htgrpo.policies.mar.diffusion import GaussianDiffusion, create_diffusion
 # The sampler settings live with the generic sampling loop; re-exported here for existing imports.
-from htgrpo.policies.mar.wrapper import WrapsMAR
 from htgrpo.policies.mar.sampling import MARSampled, MARSamplerSettings, require_mar_sampler
+from htgrpo.policies.mar.wrapper import WrapsMAR
 from htgrpo.policies.tokenizers import PaletteImageTokenizer, WordTextTokenizer
 
 POLICY_FILE = "policy.json"
@@ -113,11 +113,11 @@ class PaletteTokenCodec:
         return dist.argmin(-1)
 
     def encode(self, images: Tensor) -> Tensor:
-        """uint8 images (B, 3, H, W) → (B, N, 3) tokens (lossless on ShapesWorld scenes)."""
+        """uint8 images (B, 3, H, W) → (B, N, D) tokens (lossless on ShapesWorld scenes)."""
         return self.codes_to_tokens(self.image_tokenizer.encode(images))
 
     def decode(self, tokens: Tensor) -> Tensor:
-        """(B, N, 3) tokens → uint8 images (B, 3, H, W) via the nearest palette colour of every cell."""
+        """(B, N, D) tokens → uint8 images (B, 3, H, W) via the nearest palette colour of every cell."""
         return self.image_tokenizer.decode(self.tokens_to_codes(tokens).cpu())
 
 
@@ -184,11 +184,11 @@ class ShapesMARPolicy(WrapsMAR, nn.Module):
         return TextCondition(ids.to(self.device), mask.to(self.device))
 
     def encode_images(self, images: Tensor) -> Tensor:
-        """uint8 images → (B, L, 3) tokens on the policy's device."""
+        """uint8 images → (B, L, D) tokens on the policy's device."""
         return self.codec.encode(images.cpu()).to(self.device)
 
     def decode_tokens(self, tokens: Tensor) -> Tensor:
-        """(B, L, 3) tokens → uint8 images (CPU)."""
+        """(B, L, D) tokens → uint8 images (CPU)."""
         return self.codec.decode(tokens.detach())
 
     # -- the head's sampling chain: use_sampling_steps / sampling_steps (WrapsMAR) ------------------------------
