@@ -49,3 +49,57 @@ def run_or_exit_on_config_error(run: Callable[[DictConfig], T], cfg: DictConfig,
     except ConfigError as err:
         log.error("configuration error: %s", err)
         raise SystemExit(f"Configuration error: {err}") from None
+
+
+#: config keys whose values are secrets. A config holding one (non-null) is refused before Hydra writes anything:
+#: Hydra copies every config value and command-line override into the run's ``.hydra/*.yaml``, and ``fit`` logs the
+#: config to the loggers. Secrets come from the environment or a file (``reward.token_file``, ``serve.token_file``).
+SECRET_KEYS = frozenset({"token", "api_key", "apikey", "password", "secret", "bearer_token"})
+
+
+def secret_paths(cfg: DictConfig) -> list[str]:
+    """Dotted paths of the non-null values under keys named in :data:`SECRET_KEYS` (the ``hydra`` node skipped)."""
+    found: list[str] = []
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                where = f"{path}.{key}" if path else str(key)
+                if str(key).lower() in SECRET_KEYS and value not in (None, ""):
+                    found.append(where)
+                walk(value, where)
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{path}[{i}]")
+
+    container = OmegaConf.to_container(cfg, resolve=False)
+    if isinstance(container, dict):
+        container.pop("hydra", None)
+    walk(container, "")
+    return found
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - very old Hydra
+    _HydraCallback = object  # type: ignore[assignment,misc]
+
+
+class RefuseSecretsInConfig(_HydraCallback):  # type: ignore[misc,valid-type]
+    """Hydra callback (``conf/hydra/default.yaml``): stop before the run folder is written when the config holds a
+    secret (:data:`SECRET_KEYS`), e.g. ``+serve.token=...`` on the command line."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config: DictConfig) -> None:
+        paths = secret_paths(config)
+        if paths:
+            raise SystemExit(f"Configuration error: {', '.join(paths)}: secrets are not accepted as config values "
+                             "(Hydra writes every value into .hydra/*.yaml and fit logs the config). Put the token in "
+                             "$HTGRPO_REWARD_TOKEN or a file (reward.token_file / serve.token_file); nothing was "
+                             "written")

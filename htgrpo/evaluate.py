@@ -10,7 +10,11 @@ benchmark's official rules, prints the table in the papers' format, and writes i
   strings), which GenEval's ``summary_scores.py`` reads unchanged;
 * ``images/`` (``save_images=true``) — every image in the official layout (GenEval ``<index>/samples/<i>.png``,
   DPG-Bench ``<item_id>.png`` 2x2 grids), so the official scorers can be run on them too;
-* ``samples/grid_<task>.png`` — sample grids, one prompt per row.
+* ``samples/grid_<task>.png`` — sample grids, one prompt per row, each row captioned with its prompt and each image
+  framed green (correct) / red (wrong) by the benchmark's verdict.
+
+ShapesWorld GenEval benchmarks also report diversity / fidelity metrics beside GenEval (``diversity/*``, see
+``htgrpo.evaluation.diversity``): printed under the table and written into the results file under ``diversity``.
 """
 
 from __future__ import annotations
@@ -106,6 +110,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                            image_dir=image_dir)
 
     results = report.results_json()
+    if report.diversity:
+        results["diversity"] = report.diversity
     if image_metrics:
         results["metrics"] = image_metrics.compute()
     (output_dir / f"{report.kind}_results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -115,7 +121,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if report.kind == "geneval":  # GenEval's own results.jsonl: summary_scores.py reads it unchanged
         write_geneval_results(report.rows, output_dir / "results.jsonl")
     for group, images in report.samples.items():
-        save_grid(images, output_dir / "samples" / f"grid_{group}.png", nrow=benchmark.images_per_prompt)
+        save_grid(images, output_dir / "samples" / f"grid_{group}.png", nrow=benchmark.images_per_prompt,
+                  prompts=report.sample_prompts.get(group), verdicts=report.sample_correct.get(group))
     print()
     print(report.table())
     for name, value in results.get("metrics", {}).items():

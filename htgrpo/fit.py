@@ -25,7 +25,8 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from htgrpo._hydra import config_dir, run_or_exit_on_config_error
-from htgrpo.config import instantiate_node
+from htgrpo.config import call_checked, instantiate_node
+from htgrpo.rewards.base import RewardUnavailableError
 from htgrpo.strategies import check_strategy_supports, check_trainer_hardware
 
 log = logging.getLogger("htgrpo.fit")
@@ -58,9 +59,17 @@ def _metrics(values: dict[str, Any], prefix: str = "val/") -> dict[str, float]:
     return dict(sorted(out.items()))
 
 
+def _table_order(key: str) -> tuple[int, str]:
+    """Rows of the before/after table: the benchmark's scores first, then ``diversity/*``, then anything else."""
+    if key.startswith(("geneval/", "dpg/")):
+        return (0, key)
+    return (1, key) if key.startswith("diversity/") else (2, key)
+
+
 def format_summary_table(val_start: dict[str, float], val_end: dict[str, float]) -> str:
-    """Before/after table of the validation metrics."""
-    keys = sorted(set(val_start) | set(val_end))
+    """Before/after table of the validation metrics: the benchmark's scores, then the diversity / fidelity rows
+    (``diversity/*``, ShapesWorld GenEval: ``htgrpo.evaluation.diversity`` says which way is better for each)."""
+    keys = sorted(set(val_start) | set(val_end), key=_table_order)
     lines = ["| metric | before | after | change |", "|---|---|---|---|"]
     for k in keys:
         a, b = val_start.get(k), val_end.get(k)
@@ -97,6 +106,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     policy = instantiate_node(cfg, "policy")
     sampler = instantiate_node(cfg, "sampler")
     module = instantiate_node(cfg, "algorithm", policy=policy, benchmark=benchmark, sampler=sampler)
+    reward = getattr(module, "reward_fn", None)
+    if callable(getattr(reward, "check_ready", None)):
+        # reward=remote: GET /health now, so a wrong URL or token stops the run here, naming the key to fix.
+        call_checked(reward.check_ready, "reward")
     callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg)
     trainer: L.Trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
@@ -114,6 +127,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         val_start = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
     val_start_rows = list(getattr(module, "val_rows", []))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    failure = getattr(module, "reward_failure", None)
+    if failure:  # the reward gave nothing for reward.max_failed_batches batches: keep what was trained, then stop
+        ckpt = output_dir / "checkpoints" / "reward_unavailable.ckpt"
+        trainer.save_checkpoint(ckpt)
+        raise RewardUnavailableError(f"{failure}. Checkpoint of the last trained state: {ckpt} (resume with "
+                                     f"ckpt_path={ckpt} once the reward works again)")
 
     val_end: dict[str, float] = {}
     if cfg.validate_at_end:
@@ -146,7 +165,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="fit")
 def main(cfg: DictConfig) -> float | None:
-    summary = run_or_exit_on_config_error(run, cfg, log)
+    try:
+        summary = run_or_exit_on_config_error(run, cfg, log)
+    except RewardUnavailableError as err:
+        log.error("reward unavailable: %s", err)
+        raise SystemExit(f"Reward unavailable: {err}") from None
     overall = summary["val_end"].get("geneval/overall", summary["val_end"].get("dpg/overall"))
     return overall  # the value Hydra sweepers optimise
 

@@ -10,9 +10,11 @@ strategy        clip-and-step
 single / DDP    ‖g‖ over the local gradients (DDP has all-reduced them: every rank holds the global mean
                 gradient), then ``clip_gradients`` through the precision plugin, then ``optimizer.step()``.
 FSDP            (:class:`GRPOFSDPStrategy`: the policy's blocks are FSDP units, the rest replicated) the replicated
-                gradients are averaged over the ranks, then ‖g‖² = Σ_ranks ‖local shards‖² + ‖replicated‖²
-                (what ``FullyShardedDataParallel.clip_grad_norm_`` computes; a plain ``clip_grad_norm_`` would
-                see only the local shard), the same clip rule, then ``optimizer.step()``.
+                gradients are averaged over the ranks, then ‖g‖² = Σ_ranks ‖local shards‖² + ‖whole‖², where
+                the shards are those of ``FULL_SHARD`` / ``SHARD_GRAD_OP`` units and "whole" are the ``NO_SHARD``
+                units and the replicated rest (every rank holds the same averaged gradient; what
+                ``FullyShardedDataParallel.clip_grad_norm_`` computes; a plain ``clip_grad_norm_`` would see
+                only the local shard), the same clip rule, then ``optimizer.step()``.
 DeepSpeed       the engine clips inside ``engine.step()`` with its config's ``gradient_clipping`` (which
                 :class:`GRPODeepSpeedStrategy` sets to ``algorithm.max_grad_norm``); the norm is the engine's
                 ``get_global_grad_norm()`` (ZeRO frees ``p.grad``, so reading it would give 0).
@@ -173,6 +175,19 @@ def global_grad_norm(sharded: Sequence[torch.nn.Parameter], replicated: Sequence
     return torch.sqrt(sq_sharded + sq_replicated).float()
 
 
+def shards_gradients(unit: Any) -> bool:
+    """Whether each rank of an FSDP unit holds only its own shard of the unit's gradient after backward.
+
+    ``FULL_SHARD`` and ``SHARD_GRAD_OP`` reduce-scatter the gradient: yes (the hybrid strategies too, within their
+    shard group). ``NO_SHARD`` all-reduces it: every rank holds the whole averaged gradient, which must count once in
+    the norm, not once per rank. FSDP also falls back to ``NO_SHARD`` on a single rank; ``unit.sharding_strategy`` is
+    the strategy in effect.
+    """
+    from torch.distributed.fsdp import ShardingStrategy
+
+    return unit.sharding_strategy != ShardingStrategy.NO_SHARD
+
+
 def clip_grads_(parameters: Sequence[torch.nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:
     """Scale every gradient by min(1, max_norm / (‖g‖ + 1e-6)) (``torch.nn.utils.clip_grad_norm_``'s rule)."""
     coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
@@ -330,10 +345,12 @@ class GRPOFSDPStrategy(FSDPStrategy):
             for p in trainable:
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
-        sharded = [p for u in self.sharded_units for p in u.parameters()]
-        norm = global_grad_norm(sharded, trainable)
+        # FSDP has already averaged the units' gradients; a NO_SHARD unit's whole gradient is on every rank.
+        sharded = [p for u in self.sharded_units if shards_gradients(u) for p in u.parameters()]
+        whole = [p for u in self.sharded_units if not shards_gradients(u) for p in u.parameters()]
+        norm = global_grad_norm(sharded, [*whole, *trainable])
         if max_grad_norm > 0:
-            clip_grads_([*sharded, *trainable], max_grad_norm, norm)
+            clip_grads_([*sharded, *whole, *trainable], max_grad_norm, norm)
         optimizer.step()
         return float(norm)
 

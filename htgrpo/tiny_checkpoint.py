@@ -6,11 +6,17 @@ checkpoint has, loaded by the same code path (``policy=mmada policy.pretrained=D
 - ``mmada``: ``DIR/config.json`` (``model_type: mmada``, ``architectures: [MMadaModelLM]``, ``auto_map`` to the LLaDA
   classes, MMaDA's extra keys), sharded safetensors + ``model.safetensors.index.json``, a byte-level BPE text
   tokenizer built with ``tokenizers`` (``tokenizer.json`` + ``tokenizer_config.json``) holding MMaDA's special
-  tokens by name, and a tiny MAGVIT-v2 in ``DIR/magvitv2/`` (8192 codes, 16 px per code).
+  tokens by name and LLaDA's reserved chat tokens (``MMADA_RESERVED_TOKENS``), and a tiny MAGVIT-v2 in
+  ``DIR/magvitv2/`` (8192 codes, 16 px per code).
 - ``dimoo``: the same for Lumina-DiMOO (``model_type: llada``, ``architectures: [LLaDAForMultiModalGeneration]``),
   its template tokens (``<system>``, ``<user>``, ``<answer>``, ``<Image>``, ``<uncondition>`` …) in the tokenizer,
   and a tiny diffusers ``VQModel`` in ``DIR/vqvae/``.
 - ``harmon``: written by ``htgrpo.policies.mar.harmon_tiny.write_tiny_harmon``.
+
+The folders also load in the released code under its transformers pins: 4.46.0 (MMaDA), 4.46.2 (DiMOO) and 4.45.2
+(Harmon). ``config.json`` has every field of the released LLaDA ``ModelConfig``, and the Harmon Qwen2 config has
+``rope_theta``. ``tokenizer_config.json`` names ``PreTrainedTokenizerFast`` (see ``htgrpo.policies.folder_compat``;
+checked by ``tests/test_folder_compat.py``).
 
 The special tokens get small ids (the tiny vocabulary has a few hundred text tokens, then the 8192 image codes);
 the policies read them from ``config.json`` and the tokenizer, exactly as they read the real ones.
@@ -28,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from htgrpo.policies.folder_compat import save_tokenizer
+
 MODELS = ("mmada", "dimoo", "harmon")
 
 # Words for the tiny BPE: GenEval's vocabulary (colours, counts, positions, the 80 COCO classes) and template words.
@@ -42,7 +50,12 @@ _CLASSES = (
     "bed dining table toilet tv laptop computer mouse remote keyboard cell phone microwave oven toaster sink "
     "refrigerator book clock vase scissors teddy hair drier toothbrush")
 
-MMADA_TOKENS = ("<|startoftext|>", "<|endoftext|>", "[iPAD]", "<|t2i|>", "<|soi|>", "<|eoi|>", "<|mdm_mask|>")
+MMADA_RESERVED_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+"""LLaDA's chat tokens. MMaDA's ``UniversalPrompting(use_reserved_token=True)`` adds them to the tokenizer when it
+lacks them. ``len(tokenizer)`` would then grow by 3, and the released ``t2i_generate`` would read the image columns
+3 places from where htgrpo reads them. So the tiny tokenizer holds them, as LLaDA's does."""
+MMADA_TOKENS = ("<|startoftext|>", "<|endoftext|>", "[iPAD]", "<|t2i|>", "<|soi|>", "<|eoi|>", "<|mdm_mask|>",
+                *MMADA_RESERVED_TOKENS)
 DIMOO_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|mdm_mask|>", "<|newline|>", "<system>", "</system>",
                 "<user>", "</user>", "<uncondition>", "<answer>", "</answer>", "<Image>", "</Image>")
 
@@ -109,7 +122,7 @@ def write_tiny_mmada(directory: str | Path, seed: int = 0) -> str:
 
     codebook = MagvitImageTokenizer.from_pretrained(vq_dir).codebook_size
     tok = build_text_tokenizer(MMADA_TOKENS, bos="<|startoftext|>", eos="<|endoftext|>", pad="<|endoftext|>")
-    tok.save_pretrained(out)
+    save_tokenizer(tok, out)
     vocab = tok.get_vocab()
     extra = {
         "model_type": "mmada",
@@ -139,7 +152,7 @@ def write_tiny_dimoo(directory: str | Path, seed: int = 0) -> str:
     write_tiny_dimoo_vq(out, seed=seed)
     codebook = DiffusersVQImageTokenizer.from_pretrained(out).codebook_size
     tok = build_text_tokenizer(DIMOO_TOKENS, bos="<|startoftext|>", eos="<|endoftext|>", pad="<|pad|>")
-    tok.save_pretrained(out)
+    save_tokenizer(tok, out)
     vocab = tok.get_vocab()
     extra = {
         "model_type": "llada",

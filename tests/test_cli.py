@@ -29,8 +29,12 @@ def test_evaluate_oracle_geneval_scores_one(tmp_path):
     out = tmp_path / "oracle"
     proc = run_cli("htgrpo.evaluate", ["benchmark=shapes_geneval", "policy=oracle", f"hydra.run.dir={out}", *SMALL_GENEVAL], tmp_path)
     results = json.loads((out / "geneval_results.json").read_text())
-    assert set(results) == {"benchmark", "overall", "tasks", "num_images"}
+    assert set(results) == {"benchmark", "overall", "tasks", "num_images", "diversity"}
     assert results["overall"] >= 0.99
+    # diversity / fidelity beside GenEval: the oracle draws what the prompts ask for, at the oracle's own size
+    assert results["diversity"]["diversity/color_divergence"] < 0.2
+    assert results["diversity"]["diversity/coverage_ratio"] == pytest.approx(1.0)
+    assert "diversity/per_prompt" in proc.stdout
     assert set(results["tasks"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
     assert results["num_images"] == sum(1 for _ in open(out / "geneval_images.jsonl"))
     assert (out / "samples" / "grid_position.png").exists()
@@ -78,6 +82,9 @@ def test_fit_pretrain_tiny_then_evaluate_the_checkpoint(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["seconds"] > 0
     assert 0.0 <= summary["val_end"]["geneval/overall"] <= 1.0
+    # diversity / fidelity beside GenEval (shapes_pretrain skips val_start: a random init scores ~0)
+    assert {"diversity/color_divergence", "diversity/per_prompt", "diversity/coverage_ratio"} <= set(summary["val_end"])
+    assert list((run_dir / "samples").glob("val_step*.png"))  # the captioned, verdict-framed grid
     export = tmp_path / "artifacts" / "shapes_llada_warmstart"
     assert (export / "config.json").exists()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))

@@ -5,16 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from htgrpo.data.records import DPG_CSV_COLUMNS, DPG_L1_CATEGORIES, DPGItem, DPGProposition, MetadataError
-from htgrpo.data.shapes.palette import ShapesWorldConfig
-from htgrpo.data.shapes.prompts import (
-    VOCABULARY,
-    dpg_csv_rows,
-    dpg_prompt_set,
+from htgrpo.data.records import (
+    DPG_CSV_COLUMNS,
+    DPG_L1_CATEGORIES,
+    DPGItem,
+    DPGProposition,
+    MetadataError,
     format_tuple,
     parse_tuple,
-    prompt_words,
 )
+from htgrpo.data.shapes.palette import ShapesWorldConfig
+from htgrpo.data.shapes.prompts import VOCABULARY, dpg_csv_rows, dpg_prompt_set, prompt_words
 from htgrpo.data.shapes.sampler import dpg_groups, scene_for_record
 from htgrpo.data.shapes.scene import Scene, ShapeObject, cells_to_image, render_cells
 from htgrpo.rewards.dpg import gate_answers, score_dpg_answers, summarize_dpg

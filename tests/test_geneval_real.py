@@ -93,35 +93,71 @@ def test_tiny_pipeline_detects_the_favoured_class_and_classifies_colours(models)
     assert set(results[0].details) == {"dog"} and 1 <= len(dogs) <= 16
     assert all(len(d) == 5 and d[4] > 0.3 and 0 <= d[0] <= d[2] <= 56 and 0 <= d[1] <= d[3] <= 40 for d in dogs)
     assert [d[4] for d in dogs] == sorted((d[4] for d in dogs), reverse=True)
-    # colour: the official recipe recomputed by hand with the CLIP model (masked crop on #999, 3 templates)
+    # colour: the official recipe restated independently (open_clip's transform, clip_benchmark's classifier)
     (color,) = results[2].colors["dog"]
     assert color in GENEVAL_COLORS
     assert results[2].correct == (color == "red")
     found = scorer.detector.detect(images[2:3])[0]
     best = int(np.argmax(found.scores))
-    assert color == _official_colour(scorer, images[2], found.boxes[best], found.masks[best], "dog")
+    want = _official_colour_logits(scorer.colors.model, str(models["clip"]), images[2], [found.boxes[best]],
+                                   [found.masks[best]], "dog")
+    got = scorer.colors.color_logits(images[2].permute(1, 2, 0).numpy(), [found.boxes[best]], [found.masks[best]],
+                                     "dog")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
+    assert color == OFFICIAL_COLORS[int(want[0].argmax())]
 
 
-def _official_colour(scorer, image, box, mask, classname) -> str:
+# GenEval evaluate_images.py's facts, restated here rather than imported from the code under test
+OFFICIAL_COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
+OFFICIAL_TEMPLATES = ["a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object"]
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _official_colour_logits(clip, clip_dir: str, image: torch.Tensor, boxes, masks, classname: str) -> torch.Tensor:
+    """GenEval's colour step, independently of htgrpo's pre-processing: ``ImageCrops`` (mask composited on #999 with
+    numpy, PIL ``crop(box)``), open_clip's own eval transform (here at the tiny CLIP's 32 px with OpenAI's mean/std),
+    open_clip-style text input (a fixed 77-token context padded after the end token; the CLIP text tower is causal,
+    so the padding does not reach the pooled end token), clip_benchmark's ``zero_shot_classifier`` and
+    ``run_classification`` logits ``100 · normalize(image) @ classifier``."""
+    from open_clip.transform import image_transform
     from PIL import Image
+    from transformers import CLIPTokenizer
 
-    clip, proc = scorer.colors.model, scorer.colors.processor
-    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-    composite = np.where(mask[..., None], np.asarray(pil), np.array([153, 153, 153], dtype=np.uint8))
-    crop = Image.fromarray(composite.astype(np.uint8)).crop(tuple(int(round(v)) for v in box))
+    transform = image_transform(32, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD)
+    pixels = []
+    for box, mask in zip(boxes, masks):
+        rgb = image.permute(1, 2, 0).numpy()
+        composite = np.where(np.asarray(mask, dtype=bool)[..., None], rgb, np.array([153, 153, 153], np.uint8))
+        pixels.append(transform(Image.fromarray(composite.astype(np.uint8)).crop(tuple(box[:4]))))
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
+    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     with torch.no_grad():
-        img = clip.get_image_features(pixel_values=proc.image_processor(images=[crop], return_tensors="pt")["pixel_values"])
-        img = torch.nn.functional.normalize(img.pooler_output if hasattr(img, "pooler_output") else img, dim=-1)
-        weights = []
-        for c in GENEVAL_COLORS:
-            tok = proc.tokenizer([t.format(c=c, cls=classname) for t in GENEVAL_COLOR_TEMPLATES], padding=True,
-                                 return_tensors="pt")
-            txt = clip.get_text_features(**tok)
-            txt = torch.nn.functional.normalize(txt.pooler_output if hasattr(txt, "pooler_output") else txt, dim=-1)
-            mean = txt.mean(0)
-            weights.append(mean / mean.norm())
-        logits = img @ torch.stack(weights, dim=1)
-    return GENEVAL_COLORS[int(logits.argmax())]
+        columns = []
+        for c in OFFICIAL_COLORS:
+            ids = [tokenizer(t.format(c=c, cls=classname))["input_ids"] for t in OFFICIAL_TEMPLATES]
+            ids = torch.tensor([row + [end] * (77 - len(row)) for row in ids])
+            text = clip.get_text_features(input_ids=ids)
+            text = text if isinstance(text, torch.Tensor) else text.pooler_output
+            mean = torch.nn.functional.normalize(text, dim=-1).mean(0)
+            columns.append(mean / mean.norm())
+        img = clip.get_image_features(pixel_values=torch.stack(pixels))
+        img = img if isinstance(img, torch.Tensor) else img.pooler_output
+        return 100.0 * torch.nn.functional.normalize(img, dim=-1) @ torch.stack(columns, dim=1)
+
+
+def test_colour_crops_use_open_clips_transform_for_every_box_shape(models):
+    """Crops of many shapes (odd and even margins left after the resize, where the Hugging Face processor's centre
+    crop lands one pixel off open_clip's): the classifier's logits equal the independent official recipe's."""
+    scorer = GenEvalDetectorScorer(detector=str(models["coco_dog"]), clip=str(models["clip"]),
+                                   class_names=str(models["names"]), device="cpu")
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.integers(0, 256, (3, 60, 60), dtype=np.uint8))
+    boxes = [(2.0, 3.0, 28.0, 45.0), (0.0, 0.0, 23.0, 21.0), (10.4, 5.6, 48.0, 47.0), (1.0, 2.0, 40.0, 17.0),
+             (5.0, 9.0, 15.0, 50.0), (0.0, 0.0, 60.0, 60.0)]
+    masks = [rng.random((60, 60)) > 0.3 for _ in boxes]
+    got = scorer.colors.color_logits(image.permute(1, 2, 0).numpy(), boxes, masks, "cat")
+    want = _official_colour_logits(scorer.colors.model, str(models["clip"]), image, boxes, masks, "cat")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
 
 
 def test_max_overlap_option_runs_nms_on_the_detector_output(models):

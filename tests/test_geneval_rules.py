@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 
+from htgrpo.data.detection import Detection
 from htgrpo.data.records import GENEVAL_COLORS, GenEvalRecord, GenEvalRequirement, MetadataError
 from htgrpo.data.shapes.palette import ShapesWorldConfig
 from htgrpo.data.shapes.prompts import random_geneval_record
-from htgrpo.rewards.detection import Detection
 from htgrpo.rewards.geneval import (
     GenEvalThresholds,
     box_iou,
@@ -199,6 +200,74 @@ def test_relative_position_diagonal_near_threshold():
     assert relative_position(det("circle", cx=50 - 8, cy=50 - 8), b) == {"left of", "above"}
     # Mostly horizontal: dx = 10, dy = 6 -> revised (8, 4) / 11.66 = (0.686, 0.343).
     assert relative_position(det("circle", cx=60, cy=56), b) == {"right of"}
+
+
+def official_relative_position_f32(box_a, box_b, margin=0.1) -> set[str]:
+    """GenEval's ``relative_position`` (evaluation/evaluate_images.py) re-stated op for op on float32 boxes, as the
+    official code runs it on mmdet's float32 box rows (numpy promotes the Python-float margin and 1e-3 to float32)."""
+    boxes = np.array([box_a, box_b], dtype=np.float32)[:, :4].reshape(2, 2, 2)
+    center_a, center_b = boxes.mean(axis=-2)
+    dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
+    offset = center_a - center_b
+    revised_offset = np.maximum(np.abs(offset) - margin * (dim_a + dim_b), 0) * np.sign(offset)
+    if np.all(np.abs(revised_offset) < 1e-3):
+        return set()
+    dx, dy = revised_offset / np.linalg.norm(offset)
+    names = (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5), ("below", dy > 0.5))
+    return {name for name, holds in names if holds}
+
+
+def float64_relative_position(box_a, box_b, margin=0.1) -> set[str]:
+    """The same rule in Python-float (float64) arithmetic: what htgrpo computed before issue 17."""
+    (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = box_a, box_b
+    off = ((ax1 + ax2) / 2 - (bx1 + bx2) / 2, (ay1 + ay2) / 2 - (by1 + by2) / 2)
+    dims = (abs(ax2 - ax1) + abs(bx2 - bx1), abs(ay2 - ay1) + abs(by2 - by1))
+    revised = [math.copysign(max(abs(o) - margin * d, 0.0), o) for o, d in zip(off, dims)]
+    if all(abs(r) < 1e-3 for r in revised):
+        return set()
+    dx, dy = (r / math.hypot(*off) for r in revised)
+    return {name for name, holds in (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5),
+                                     ("below", dy > 0.5)) if holds}
+
+
+def f32_box(*corners: float) -> tuple[float, ...]:
+    """A box as a float32 detector reports it (the nearest float32 of each corner, held as a Python float)."""
+    return tuple(float(np.float32(c)) for c in corners)
+
+
+def margin_scenes():
+    """Scenes on the "right of" margin: boxes on the same rows, tenth-pixel corners, the centre of A 0.2 · (w_A + w_B)
+    right of B's, so in exact arithmetic dx = (o - 0.1 (w_A + w_B)) / o = 0.5 (then rounded to float32 corners)."""
+    for wa10, wb10, xb10 in itertools.product(range(5, 60, 6), range(5, 60, 8), range(0, 300, 13)):
+        wa, wb, xb = wa10 / 10, wb10 / 10, xb10 / 10
+        ca = xb + wb / 2 + 0.2 * (wa + wb)
+        yield f32_box(ca - wa / 2, 10.0, ca + wa / 2, 20.0), f32_box(xb, 10.0, xb + wb, 20.0)
+
+
+def test_relative_position_is_computed_in_float32_like_the_official_code():
+    # A fixed margin case (issue 17 item 7): float64 arithmetic says "right of", the official float32 code says no
+    # relation. Boxes as a float32 detector gives them.
+    a, b = f32_box(1.6, 10.0, 2.1, 20.0), f32_box(1.4, 10.0, 1.9, 20.0)
+    assert float64_relative_position(a, b) == {"right of"}
+    assert official_relative_position_f32(a, b) == set()
+    assert relative_position(Detection("circle", 0.99, a), Detection("square", 0.99, b)) == set()
+    # Every margin scene, and random float32 scenes, get the official verdict; the margin scenes include verdicts
+    # float64 arithmetic flips (in both directions).
+    flips = set()
+    for a, b in margin_scenes():
+        ours = relative_position(Detection("circle", 0.99, a), Detection("square", 0.99, b))
+        assert ours == official_relative_position_f32(a, b), (a, b)
+        if ours != float64_relative_position(a, b):
+            flips.add("right of" in ours)
+    assert flips == {True, False}
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        corners = rng.uniform(0, 512, (2, 2, 2)).astype(np.float32)
+        corners.sort(axis=1)  # x1 <= x2, y1 <= y2
+        a, b = (tuple(float(v) for v in c.reshape(-1)) for c in corners)  # (x1, y1, x2, y2)
+        for margin in (0.1, 0.15):
+            got = relative_position(Detection("circle", 0.99, a), Detection("square", 0.99, b), margin)
+            assert got == official_relative_position_f32(a, b, margin), (a, b, margin)
 
 
 def test_position_rule():

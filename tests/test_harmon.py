@@ -48,9 +48,15 @@ def test_fit_harmon_mar_grpo_on_the_tiny_checkpoint(compose, tmp_path):
     from htgrpo.fit import run
     from htgrpo.tiny_checkpoint import main as tiny_checkpoint
 
+    from htgrpo.prompts import main as prompts
+
     ckpt = tmp_path / "tiny"
     overrides = tiny_checkpoint(["harmon", str(ckpt)]).split()
     assert overrides[0] == "policy=harmon" and f"policy.pretrained={ckpt}" in overrides
+    # the experiment trains on GenEval-style prompts held out from its validation file (here a small generated one)
+    val = prompts(["geneval_train", f"out={tmp_path / 'val.jsonl'}", "n=6", "seed=1", "exclude=none"])
+    train = prompts(["geneval_train", f"out={tmp_path / 'train.jsonl'}", "n=12", "seed=0", f"exclude={val}"])
+    overrides += [f"data.train.path={train}", f"benchmark.prompts.path={val}"]
     run_dir = tmp_path / "run"
     cfg = compose("fit", ["experiment=harmon_mar_grpo", *overrides, "reward=jpeg_compressibility",
                           "trainer.max_steps=2", "validate_at_start=false", "validate_at_end=false",
@@ -215,12 +221,63 @@ def test_vae_round_trip_through_the_kl16_file_format(tmp_path):
         load_kl16(tmp_path / "missing.ckpt", config)
 
 
-def test_policy_image_round_trip_shapes(tiny):
-    images = torch.randint(0, 256, (2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), dtype=torch.uint8)
+def _diffusers_kl_vae(vae: KLAutoencoder):
+    """The same weights in diffusers' ``AutoencoderKL`` (independent code): LDM keys renamed to diffusers' (the
+    last encoder level is an ``AttnDownEncoderBlock2D``, single-head as LDM's AttnBlock; decoder attention only in the
+    middle block; decoder levels in reverse order). Only for KLAutoencoders with attention at the last level alone."""
+    import re
+
+    from diffusers import AutoencoderKL
+
+    c = vae.config
+    n = len(c.ch_mult)
+    ref = AutoencoderKL(
+        in_channels=c.in_channels, out_channels=c.out_ch, latent_channels=c.embed_dim,
+        block_out_channels=tuple(c.ch * m for m in c.ch_mult), layers_per_block=c.num_res_blocks,
+        down_block_types=("DownEncoderBlock2D",) * (n - 1) + ("AttnDownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",) * n, act_fn="silu", norm_num_groups=32, scaling_factor=c.scale).eval()
+    attention = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+    def rename(key: str) -> str:
+        key = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", key)
+        key = re.sub(r"^encoder\.down\.(\d+)\.attn\.", r"encoder.down_blocks.\1.attentions.", key)
+        key = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", key)
+        key = re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up_blocks.{n - 1 - int(m[1])}.", key)
+        key = key.replace(".block.", ".resnets.").replace(".upsample.", ".upsamplers.0.")
+        key = re.sub(r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}.", key)
+        key = key.replace(".mid.attn_1.", ".mid_block.attentions.0.").replace("nin_shortcut", "conv_shortcut")
+        key = key.replace("norm_out", "conv_norm_out")
+        m = re.match(r"^(.*\.attentions\.\d+\.)(norm|q|k|v|proj_out)\.(weight|bias)$", key)
+        return f"{m[1]}{attention[m[2]]}.{m[3]}" if m else key
+
+    target = ref.state_dict()
+    state = {}
+    for key, value in vae.state_dict().items():
+        new = rename(key)
+        state[new] = value.reshape(target[new].shape)  # 1x1 conv -> linear for the attention projections
+    ref.load_state_dict(state, strict=True)  # every diffusers key filled, none left over
+    return ref
+
+
+def test_policy_image_round_trip_matches_diffusers_autoencoder_kl(tiny):
+    """encode_images / decode_tokens against the same weights in diffusers' AutoencoderKL and Harmon's recipe:
+    x = u8 / 127.5 - 1; tokens = row-major (h·w, C) of 0.2325 · posterior mean; image = clamp(127.5·x + 128)."""
+    ref = _diffusers_kl_vae(tiny.vae)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), dtype=torch.uint8, generator=g)
     tokens = tiny.encode_images(images)
-    assert tokens.shape == (2, tiny.seq_len, tiny.token_embed_dim)
+    with torch.no_grad():
+        latents = ref.encode(images.float() / 127.5 - 1).latent_dist.mode() * 0.2325  # (B, C, h, w)
+        want_tokens = latents.flatten(2).transpose(1, 2)
+        assert want_tokens.shape == (2, tiny.seq_len, tiny.token_embed_dim)
+        torch.testing.assert_close(tokens, want_tokens, rtol=1e-4, atol=1e-5)
+        decoded = ref.decode(latents / 0.2325).sample
+    want_images = torch.clamp(127.5 * decoded + 128, 0, 255).to(torch.uint8)
     back = tiny.decode_tokens(tokens)
     assert back.dtype == torch.uint8 and back.shape == images.shape
+    # uint8 truncation: float rounding between the two codes may move a value across an integer by one level
+    assert (back.int() - want_images.int()).abs().max() <= 1
+    assert (back == want_images).float().mean() > 0.99
 
 
 # ---- release-difference switches, each both ways ---------------------------------------------------------------

@@ -94,6 +94,28 @@ def test_first_update_ratio_is_one_and_clip_fraction_zero(tmp_path):
     assert u.clip_low == 0 and u.clip_high == 0 and abs(u.kl) < 1e-8
 
 
+@pytest.mark.parametrize("estimator", ["prompt_conditioned", "coupled"])
+def test_first_update_ratio_is_exactly_one_under_lora_dropout_with_trained_adapters(tmp_path, estimator):
+    # Issue 17 item 5. Old, reference and new log-probs run in one deterministic mode (dropout off), so at the first
+    # inner iteration of every rollout step the current policy IS the old one and r = 1 whatever policy.lora.dropout
+    # says. Checked at rollout step 2, after the first step's updates made the adapters nonzero (at step 1 peft's
+    # lora_B = 0 hides any dropout on the adapter input). Both a one-pass and a two-pass estimator.
+    policy = build_masked_diffusion_policy(WORLD, d_model=32, n_layers=1, n_heads=2,
+                                           lora={"r": 4, "alpha": 8, "dropout": 0.1})
+    module = HTGRPO(policy, brightness_reward, num_generations=4, sampler=SamplerSettings(name="emerge", num_steps=4),
+                    stages={"n_global": 2, "n_struct": 0, "n_refine": 0}, lr=1e-2, estimator={"name": estimator})
+    fit_steps(module, 2, tmp_path)
+    assert module.rollout_step == 2
+    lora_b = [p for n, p in module.policy.named_parameters() if "lora_B" in n]
+    assert lora_b and all(float(p.detach().abs().max()) > 1e-3 for p in lora_b)  # the adapters really moved
+    first = module.last_update_stats[0]
+    assert first.scored_tokens > 0
+    assert float((first.ratios - 1).abs().max()) <= 1e-6
+    assert first.clip_low == 0 and first.clip_high == 0
+    # the second iteration of the same step sees the first one's update (so this run is not trivially r = 1)
+    assert float((module.last_update_stats[1].ratios - 1).abs().max()) > 1e-4
+
+
 def test_nan_reward_gets_zero_advantage_and_the_run_goes_on(tmp_path):
     def flaky(images, records):
         r = brightness_reward(images, records)

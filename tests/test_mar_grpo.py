@@ -393,6 +393,23 @@ def test_cli_plain_mar_grpo_from_scratch(tmp_path):
     assert summary["steps"] == 2 and summary["seconds"] > 0
 
 
+def test_ppo_first_update_ratio_is_exactly_one_under_mar_dropout_after_updates(tmp_path):
+    # Issue 17 item 5 for MAR-GRPO: old, reference and new terms all run in eval mode by default (the released
+    # train-mode loss forward is quirks.dropout_in_loss), so with MAR attention/projection dropout 0.1 the ratio at
+    # the first update of rollout step 2 (weights moved by step 1) is exactly 1.
+    policy = build_mar_policy(WORLD, seed=0, dropout=0.1, **TINY_MAR)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    module = make_module(policy=policy, ratio_mode="ppo", num_inner_updates=2, lr=1e-2)
+    fit_steps(module, 2, tmp_path)
+    assert module.rollout_step == 2
+    first = [s for s in module.last_update_stats if s.update == 0]
+    assert first and all(s.policy_tokens > 0 for s in first)
+    assert max(float((s.ratios - 1).abs().max()) for s in first) <= 1e-6
+
+
 def test_ppo_ratio_leaves_one_after_the_first_update_and_clipping_engages(tmp_path):
     # three updates on one rollout batch with a large step and a narrow clip band
     module = make_module(ratio_mode="ppo", num_inner_updates=3, epsilon=0.05, lr=5e-2)

@@ -54,6 +54,16 @@ def overrides(tiny, model: str) -> list[str]:
     return tiny[model][1].split()
 
 
+@pytest.fixture(scope="module")
+def geneval_train(tmp_path_factory) -> Path:
+    """Training prompts held out from the official file, as the README makes them:
+    `python -m htgrpo.prompts geneval_train out=FILE n=60 seed=0 exclude=<official evaluation_metadata.jsonl>`."""
+    from htgrpo.prompts import main
+
+    return main(["geneval_train", f"out={tmp_path_factory.mktemp('prompts') / 'train.jsonl'}", "n=60", "seed=0",
+                 f"exclude={GENEVAL}"])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The released formats
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,14 +310,16 @@ def test_real_policy_save_and_load_round_trip(dimoo, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not GENEVAL.exists(), reason="official GenEval metadata not found")
-def test_fit_mmada_ht_command(tiny, tmp_path):
+def test_fit_mmada_ht_command(tiny, geneval_train, tmp_path):
     """python -m htgrpo.fit experiment=mmada_ht <tiny overrides> reward=jpeg_compressibility data.train.path=...
-    trainer.max_steps=2 validate_at_start=false validate_at_end=false (the README's smoke command)."""
+    benchmark.prompts.path=... trainer.max_steps=2 validate_at_start=false validate_at_end=false (the README's smoke
+    command)."""
     from test_cli import run_cli
 
     out = tmp_path / "run"
     proc = run_cli("htgrpo.fit", ["experiment=mmada_ht", *overrides(tiny, "mmada"), "reward=jpeg_compressibility",
-                                  f"data.train.path={GENEVAL}", "trainer.max_steps=2", "validate_at_start=false",
+                                  f"data.train.path={geneval_train}", f"benchmark.prompts.path={GENEVAL}",
+                                  "trainer.max_steps=2", "validate_at_start=false",
                                   "validate_at_end=false", "sampler.num_steps=2", "policy.lora.r=4",
                                   f"hydra.run.dir={out}"], tmp_path)
     summary = json.loads((out / "summary.json").read_text())
@@ -317,9 +329,10 @@ def test_fit_mmada_ht_command(tiny, tmp_path):
 
 @pytest.mark.skipif(not GENEVAL.exists(), reason="official GenEval metadata not found")
 @pytest.mark.parametrize("experiment", ["mmada_ht", "dimoo_ht"])
-def test_fit_ht_experiment_in_process(experiment, tiny, compose, tmp_path):
+def test_fit_ht_experiment_in_process(experiment, tiny, geneval_train, compose, tmp_path):
     """mmada_ht / dimoo_ht through fit.run: the code path of `python -m htgrpo.fit experiment=... <tiny overrides>
-    reward=jpeg_compressibility data.train.path=... trainer.max_steps=2 validate_at_start=false validate_at_end=false`
+    reward=jpeg_compressibility data.train.path=... benchmark.prompts.path=... trainer.max_steps=2
+    validate_at_start=false validate_at_end=false`
     (the real command runs in test_fit_mmada_ht_command, marked slow, and in the README)."""
     from omegaconf import open_dict
 
@@ -327,7 +340,8 @@ def test_fit_ht_experiment_in_process(experiment, tiny, compose, tmp_path):
 
     model = experiment.split("_")[0]
     cfg = compose("fit", [f"experiment={experiment}", *overrides(tiny, model), "reward=jpeg_compressibility",
-                          f"data.train.path={GENEVAL}", "trainer.max_steps=2", "validate_at_start=false",
+                          f"data.train.path={geneval_train}", f"benchmark.prompts.path={GENEVAL}",
+                          "trainer.max_steps=2", "validate_at_start=false",
                           "validate_at_end=false", "sampler.num_steps=2", "policy.gradient_checkpointing=false",
                           "policy.lora.r=0", "logger=csv", "callbacks.progress_bar=null"])
     with open_dict(cfg):  # as fit.run gets it inside @hydra.main: no hydra node, a run folder
@@ -346,11 +360,12 @@ def test_fit_ht_experiment_in_process(experiment, tiny, compose, tmp_path):
 @pytest.mark.skipif(not GENEVAL.exists(), reason="official GenEval metadata not found")
 @pytest.mark.parametrize("experiment", ["mmada_ht", "mmada_maskgrpo", "mmada_unigrpo", "mmada_trace", "dimoo_ht",
                                         "dimoo_maskgrpo"])
-def test_real_model_experiments_compose_and_instantiate(experiment, tiny, compose):
-    """Every mmada_* / dimoo_* experiment builds its policy (tiny checkpoint), data, benchmark and algorithm; the
-    benchmark validates on the official prompts (its models load lazily, at the first score)."""
+def test_real_model_experiments_compose_and_instantiate(experiment, tiny, geneval_train, compose):
+    """Every mmada_* / dimoo_* experiment builds its policy (tiny checkpoint), data, benchmark and algorithm; it
+    trains on held-out prompts and the benchmark validates on the official ones (its models load lazily)."""
     model = experiment.split("_")[0]
-    cfg = compose("fit", [f"experiment={experiment}", *overrides(tiny, model), f"data.train.path={GENEVAL}",
+    cfg = compose("fit", [f"experiment={experiment}", *overrides(tiny, model), f"data.train.path={geneval_train}",
+                          f"benchmark.prompts.path={GENEVAL}",
                           "policy.lora.r=0", "policy.gradient_checkpointing=false", "reward=jpeg_compressibility"])
     assert cfg.policy.lora.alpha == 64 and cfg.algorithm.num_generations == 9 and cfg.algorithm.lr == 3.0e-6
     assert compose("fit", [f"experiment={experiment}"]).policy.lora.r == 128  # MaskGRPO's LoRA rank by default

@@ -19,6 +19,7 @@ from htgrpo.config import ConfigError
 from htgrpo.data.datamodules import PromptDataModule
 from htgrpo.data.prompt_sets import ShapesPromptStream
 from htgrpo.strategies import (
+    FSDP_SHARDING,
     GRPODeepSpeedStrategy,
     GRPOFSDPStrategy,
     check_strategy_supports,
@@ -119,6 +120,27 @@ def test_global_grad_norm_and_clip_by_hand():
     clip_grads_([a, b, c], 8.5, norm)  # scale 8.5 / (85 + 1e-6)
     assert float(global_grad_norm([a, b], [c])) == pytest.approx(8.5, rel=1e-6)
     assert torch.allclose(a.grad, torch.tensor([0.3, 0.4]), atol=1e-6)
+
+
+def test_fsdp_grad_norm_equals_fsdps_own_clip_for_every_sharding_strategy(tmp_path):
+    # Issue 17 item 6: two gloo CPU ranks, one spawn for all three strategies. FULL_SHARD / SHARD_GRAD_OP units hold
+    # one shard of the gradient per rank (squared norms add over ranks); a NO_SHARD unit holds the whole averaged
+    # gradient on every rank (adding would give sqrt(2) times the norm). The clipped step must match too.
+    import socket
+
+    import fsdp_ranks
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "norms.pt"
+    torch.multiprocessing.spawn(fsdp_ranks.grad_norm_worker, args=(2, port, list(FSDP_SHARDING), str(out)), nprocs=2)
+    results = torch.load(out)
+    assert sorted(results) == sorted(FSDP_SHARDING)
+    for sharding, (ours, theirs, param_diff) in results.items():
+        assert theirs > 100 * fsdp_ranks.MAX_NORM  # a real clip
+        assert ours == pytest.approx(theirs, rel=1e-6), sharding
+        assert param_diff <= 1e-7, sharding
 
 
 @pytest.mark.parametrize("trainer_name, needs", [("deepspeed_zero2", True), ("deepspeed_zero3", True), ("deepspeed", True),

@@ -66,7 +66,7 @@ def load_test(url: str, payloads: list[tuple[torch.Tensor, list[Any]]], expected
     lock = threading.Lock()
 
     def worker(k: int) -> None:
-        client = RemoteReward(url, timeout=timeout, retries=0)
+        client = RemoteReward(url, timeout=timeout, retry_seconds=0)
         for i in range(k, len(payloads), clients):
             images, records = payloads[i]
             t0 = time.perf_counter()

@@ -2,8 +2,9 @@
 
 Validation draws ``benchmark.images_per_prompt`` images per validation prompt with the configured
 sampler (eval mode, no grad), scores them with the benchmark scorer, and accumulates a torchmetrics metric,
-so the logged ``val/<kind>/overall`` is correct under DDP. The first validation batch's images are kept
-for the image-grid callback.
+so the logged ``val/<kind>/overall`` is correct under DDP. Beside it, for ShapesWorld GenEval, the diversity /
+fidelity metrics of ``htgrpo.evaluation.diversity`` are logged as ``val/diversity/<name>`` (from the same
+detections). The first validation batch's images, prompts and verdicts are kept for the image-grid callback.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ class PolicyModule(L.LightningModule):
         self.sampler = sampler or SamplerSettings()
         self.val_seed = int(val_seed)
         self.val_metric = benchmark.make_metric() if benchmark is not None else None
+        self.val_diversity = benchmark.make_diversity_metric() if benchmark is not None else None
         self.last_val_images: torch.Tensor | None = None
         self.last_val_prompts: list[str] = []
+        self.last_val_correct: list[bool | None] = []  # verdict of each kept image (None: the benchmark gives none)
         self.val_rows: list[dict[str, Any]] = []  # per-image results of the latest validation (this rank)
         self._val_generator: torch.Generator | None = None
         self.last_validated_step: int | None = None
@@ -57,6 +60,8 @@ class PolicyModule(L.LightningModule):
             # Fresh states created under the current grad mode: a trainer.validate() before fit runs in
             # inference mode, and its tensors could not be updated in place by fit's (no-grad) validation loop.
             self.val_metric.reset()
+        if self.val_diversity is not None:
+            self.val_diversity.reset()
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         if self.benchmark is None or self.val_metric is None:
@@ -65,10 +70,12 @@ class PolicyModule(L.LightningModule):
         expanded = [p for p in batch.prompts for _ in range(ipp)]
         generator = PolicyImageGenerator(self.policy, self.sampler)
         images = generator.generate(expanded, self._val_generator)
-        self.val_rows.extend(self.benchmark.score(batch.prompts, images, self.val_metric))
+        rows = self.benchmark.score(batch.prompts, images, self.val_metric, self.val_diversity)
+        self.val_rows.extend(rows)
         if self.last_val_images is None:
             self.last_val_images = images[: 8 * ipp].cpu()
             self.last_val_prompts = [p.prompt for p in expanded[: 8 * ipp]]
+            self.last_val_correct = [row.get("correct") for row in rows[: 8 * ipp]]
 
     def on_validation_epoch_end(self) -> None:
         if self.val_metric is None:
@@ -78,5 +85,9 @@ class PolicyModule(L.LightningModule):
         for name, value in scores.items():
             self.log(f"val/{kind}/{name}", value, sync_dist=False, prog_bar=(name == "overall"))
         self.val_metric.reset()
+        if self.val_diversity is not None:
+            for name, value in self.val_diversity.compute().items():
+                self.log(f"val/diversity/{name}", value, sync_dist=False)
+            self.val_diversity.reset()
         if not self.trainer.sanity_checking:
             self.last_validated_step = self.trainer.global_step

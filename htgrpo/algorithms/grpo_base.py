@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from htgrpo.algorithms.base import PolicyModule
-from htgrpo.algorithms.grpo_math import LOSS_TYPES, SCALE_REWARDS, GroupAdvantages
+from htgrpo.algorithms.grpo_math import LOSS_TYPES, SCALE_REWARDS, GroupAdvantages, group_advantages
 from htgrpo.config import require, require_choice, require_range
 from htgrpo.evaluation.benchmark import Benchmark
 from htgrpo.policies.lora import (
@@ -177,6 +177,8 @@ class GRPOModule(PolicyModule):
         self.register_buffer("rollout_counter", torch.zeros((), dtype=torch.long))
         self.last_reward_output: RewardOutput | None = None
         self.last_timings: dict[str, float] = {}  # seconds of the last step's phases (rollout, reward, update ...)
+        self.consecutive_unscored_batches = 0  # rollout batches in a row with no finite reward (skip_unscored_batch)
+        self.reward_failure: str | None = None  # set when they reach the reward's max_failed_batches: the run stops
 
     def build_reference(self) -> Any:
         """The frozen reference policy for the KL term (:func:`htgrpo.policies.lora.make_reference`): None if
@@ -214,19 +216,70 @@ class GRPOModule(PolicyModule):
     # ===================================================================================================
     # Reward
     # ===================================================================================================
-    def reward(self, rollout: Any) -> Tensor:
+    def reward(self, rollout: Any, scorer: Any = None) -> Tensor:
         """(B·G,) float32 scores of ``rollout.images`` against ``rollout.prompts``' records.
 
         Through :func:`~htgrpo.rewards.base.safe_score`: an image whose scoring raises gets NaN (advantage 0,
         counted in ``train/nonfinite_rewards``), so a failing scorer never stops training. The full output
-        (components included) is kept in ``last_reward_output`` for the step log.
+        (components included) is kept in ``last_reward_output`` for the step log. With a ``scorer``
+        (:class:`~htgrpo.algorithms.overlap.ChunkScorer`) the rollout's chunks were already queued for scoring while
+        the next ones sampled: this waits for them and concatenates their outputs.
         """
-        records = [p.record for p in rollout.prompts]
-        output = safe_score(self.reward_fn, rollout.images, records)
+        if scorer is not None:
+            output = scorer.result()
+        else:
+            output = safe_score(self.reward_fn, rollout.images, [p.record for p in rollout.prompts])
         if len(output) != len(rollout):
             raise RuntimeError(f"reward returned {len(output)} values for {len(rollout)} images")
         self.last_reward_output = output
         return output.scores
+
+    def skip_unscored_batch(self, rollout: Any, rewards: Tensor, timings: dict[str, float]) -> bool:
+        """Whether this rollout batch must not be trained on because none of its rewards is finite.
+
+        Called by every GRPO ``training_step`` right after the reward, before any update. A batch with no finite
+        reward (reward server down, every image failing) carries no learning signal: its advantages are all 0, and
+        an update would still move the weights through the KL term, weight decay and AdamW's momentum. So the step
+        is logged (``train/update_skipped`` = 1, ``train/nonfinite_rewards`` = B·G), the rollout counter advances
+        (the next batch draws fresh seeds, as in an uninterrupted run) and the caller returns without updating.
+
+        Consecutive such batches are counted; when the count reaches the reward's ``max_failed_batches`` (> 0) the
+        run is asked to stop (``trainer.should_stop``) with the reason in ``reward_failure``; ``htgrpo.fit`` then
+        saves a checkpoint and exits with :class:`~htgrpo.rewards.base.RewardUnavailableError`.
+
+        Under DDP / FSDP / DeepSpeed the decisions are reduced over ranks: the update is skipped only when no rank
+        has a finite reward (an update is a collective, every rank must take part), and any rank reaching the
+        limit stops all of them.
+        """
+        unscored = not bool(torch.isfinite(rewards).any())
+        self.consecutive_unscored_batches = self.consecutive_unscored_batches + 1 if unscored else 0
+        limit = int(getattr(self.reward_fn, "max_failed_batches", 0) or 0)
+        give_up = bool(limit) and self.consecutive_unscored_batches >= limit
+        trainer = self._trainer
+        if trainer is not None:
+            unscored = trainer.strategy.reduce_boolean_decision(unscored, all=True)
+            give_up = trainer.strategy.reduce_boolean_decision(give_up, all=False)
+        if give_up and self.reward_failure is None:
+            detail = getattr(self.reward_fn, "last_failure", None)
+            self.reward_failure = (
+                f"no finite reward in {self.consecutive_unscored_batches} consecutive rollout batches "
+                f"(reward.max_failed_batches={limit}) from reward {getattr(self.reward_fn, 'name', self.reward_fn)!r}"
+                + (f"; last failure: {detail}" if detail else "") + "; none of these batches was trained on")
+            if trainer is not None:
+                trainer.should_stop = True
+        if not unscored:
+            return False
+        self.last_update_stats = []
+        if hasattr(self, "last_selection"):
+            self.last_selection = None  # MAR callbacks read it: nothing was selected for an update this step
+        advantages = group_advantages(rewards, self.num_generations, self.scale_rewards)
+        log = self.reward_step_log(rollout.prompts, rewards, advantages, entropy=math.nan)
+        log["train/update_skipped"] = 1.0
+        log.update({f"time/{phase}_s": seconds for phase, seconds in timings.items()})
+        self.last_timings = timings
+        self.emit_step_log(log, max(len(rollout.prompts) // self.num_generations, 1))
+        self.rollout_step += 1
+        return True
 
     # ===================================================================================================
     # Optimiser and clip-and-step
@@ -287,6 +340,7 @@ class GRPOModule(PolicyModule):
             "train/nonfinite_rewards": float(advantages.nonfinite_rewards),
             "train/entropy": entropy,
             "train/rollout_step": float(self.rollout_step),
+            "train/update_skipped": 0.0,  # 1 on a batch with no finite reward (skip_unscored_batch)
         }
         groups: dict[str, list[float]] = {}
         for p, value, ok in zip(prompts, rewards.tolist(), finite.tolist()):

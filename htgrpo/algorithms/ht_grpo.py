@@ -25,6 +25,7 @@ Lightning's ``global_step`` counts optimiser updates (K per rollout batch); ``ro
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -49,12 +50,16 @@ from htgrpo.algorithms.credit import (
 from htgrpo.algorithms.estimators import ScoringPass, ScoringPlan, build_estimator, token_log_probs
 from htgrpo.algorithms.grpo_base import GRPOModule, as_dict, token_weighted
 from htgrpo.algorithms.grpo_math import aggregate_loss, clipped_surrogate, group_advantages, k3_kl
+from htgrpo.algorithms.overlap import ChunkScorer, overlap_setting, wants_overlap
 from htgrpo.algorithms.rollout import InnerIteration, Rollout, ScoredRollout, UpdateStats, sample_in_micro_batches
+from htgrpo.algorithms.scoring_mode import deterministic_scoring
 from htgrpo.config import ConfigError, require, require_choice
 from htgrpo.data.datamodules import PromptBatch
 from htgrpo.evaluation.benchmark import Benchmark
 from htgrpo.policies.generators import SamplerSettings
 from htgrpo.policies.t2i_layout import MASKED
+
+logger = logging.getLogger("htgrpo.algorithms.ht_grpo")
 
 
 
@@ -79,6 +84,9 @@ class HTGRPO(GRPOModule):
         lr, weight_decay, betas, warmup_steps: AdamW and its linear warm-up (in optimiser updates).
         max_grad_norm: gradient-norm clip per update (0 disables).
         micro_batch_size: images per forward/backward in the updates (None = the whole rollout batch).
+        overlap_scoring: ``auto`` | ``true`` | ``false``: score rollout chunk i on a background thread while chunk
+            i+1 samples (:mod:`htgrpo.algorithms.overlap`; needs ``rollout_micro_batch_size``). ``auto`` overlaps
+            rewards that wait on a server (``remote``, ``vlm_judge``). Same rewards and updates either way.
         rollout_micro_batch_size: images per sampler call in the rollout (None = all B·G at once); bounds the
             rollout's activation memory (with CFG each call runs 2× that many sequences).
         seed: seed of rollout noise and estimator masks (combined with rank and rollout step).
@@ -111,6 +119,7 @@ class HTGRPO(GRPOModule):
         max_grad_norm: float = 1.0,
         micro_batch_size: int | None = None,
         rollout_micro_batch_size: int | None = None,
+        overlap_scoring: str | bool = "auto",
         seed: int = 0,
         val_seed: int = 1234,
     ):
@@ -127,6 +136,10 @@ class HTGRPO(GRPOModule):
         require(rollout_micro_batch_size is None or int(rollout_micro_batch_size) >= 1, "rollout_micro_batch_size",
                 f"must be >= 1 or null, got {rollout_micro_batch_size}")
         self.rollout_micro_batch_size = None if rollout_micro_batch_size is None else int(rollout_micro_batch_size)
+        self.overlap_scoring = overlap_setting(overlap_scoring)
+        require(self.overlap_scoring != "true" or self.rollout_micro_batch_size is not None, "overlap_scoring",
+                "true needs rollout chunks to overlap: set algorithm.rollout_micro_batch_size (e.g. num_generations)")
+        self._overlap_noted = False
 
         est = as_dict(estimator) or {"name": "prompt_conditioned"}
         try:
@@ -169,12 +182,15 @@ class HTGRPO(GRPOModule):
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        rollout = self.rollout(batch)                                # 1. G images per prompt
+        scorer = self.chunk_scorer()                                 # None: score after the rollout
+        rollout = self.rollout(batch, scorer)                        # 1. G images per prompt (chunks scored meanwhile)
         timings["rollout"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        rewards = self.reward(rollout)                               # 2. scorer
+        rewards = self.reward(rollout, scorer)                       # 2. scorer (overlapped: waits for the last chunks)
         timings["reward"] = time.perf_counter() - t0
+        if self.skip_unscored_batch(rollout, rewards, timings):     # no finite reward: never train on it
+            return
         finite = rewards[torch.isfinite(rewards)]
         self.reward_history.append(float(finite.mean()) if finite.numel() else math.nan)  # fit's reward-curve summary
 
@@ -190,19 +206,52 @@ class HTGRPO(GRPOModule):
         self.rollout_step += 1
 
     # -- 1. rollout ----------------------------------------------------------------------------------------
+    def chunk_scorer(self) -> ChunkScorer | None:
+        """A :class:`~htgrpo.algorithms.overlap.ChunkScorer` when this step's scoring overlaps sampling
+        (``overlap_scoring``), else None."""
+        if not wants_overlap(self.overlap_scoring, self.reward_fn):
+            return None
+        if self.rollout_micro_batch_size is None:  # auto with an io_bound reward but one rollout chunk: nothing to hide
+            if not self._overlap_noted:
+                self._overlap_noted = True
+                logger.info("overlap_scoring=auto: reward %s waits on a server but the rollout is one chunk; set "
+                            "algorithm.rollout_micro_batch_size to score chunks while the next ones sample",
+                            getattr(self.reward_fn, "name", self.reward_fn))
+            return None
+        return ChunkScorer(self.reward_fn)
+
     @torch.no_grad()
-    def rollout(self, batch: PromptBatch) -> Rollout:
-        """Sample ``num_generations`` images per prompt (eval mode, no grad), recording the per-token trajectory."""
+    def rollout(self, batch: PromptBatch, scorer: ChunkScorer | None = None) -> Rollout:
+        """Sample ``num_generations`` images per prompt (eval mode, no grad), recording the per-token trajectory.
+
+        With a ``scorer``, each rollout chunk is decoded as soon as it is sampled and queued for scoring, so the
+        reward of chunk i is computed while chunk i+1 samples (``GRPOModule.reward`` then collects it)."""
         G = self.num_generations
         prompts = [p for p in batch.prompts for _ in range(G)]
         generator = self.step_generator(0)
         was_training = self.policy.training
         self.policy.eval()
+        chunk_images: list[torch.Tensor] = []
+
+        def decode_and_score(rows: slice, part: Any) -> None:
+            images = self.policy.image_tokenizer.decode(part.codes.cpu())
+            chunk_images.append(images)
+            scorer.submit(images, [p.record for p in prompts[rows]])
+
         try:
-            prompt_tokens = self.policy.encode_prompts([p.prompt for p in prompts])
+            prompt_tokens = self.policy.encode_prompts([p.prompt for p in prompts],
+                                                       keys=[f"{p.benchmark}:{p.key}" for p in prompts])
             sampled = sample_in_micro_batches(self.rollout_sampler, self.policy, prompt_tokens, generator,
-                                              self.rollout_micro_batch_size)
-            images = self.policy.image_tokenizer.decode(sampled.codes.cpu())
+                                              self.rollout_micro_batch_size,
+                                              on_chunk=None if scorer is None else decode_and_score)
+            if scorer is None:
+                images = self.policy.image_tokenizer.decode(sampled.codes.cpu())
+            else:
+                images = torch.cat(chunk_images)
+        except BaseException:
+            if scorer is not None:
+                scorer.close()
+            raise
         finally:
             self.policy.train(was_training)
         return Rollout(prompts, prompt_tokens, sampled, images, G)
@@ -249,13 +298,12 @@ class HTGRPO(GRPOModule):
 
     def _plan_log_probs(self, model: torch.nn.Module, rollout: Rollout, plan: ScoringPlan,
                         cache: dict[tuple, torch.Tensor]) -> torch.Tensor:
-        """(B·G, N) log-probs of the rollout codes under ``model`` for ``plan`` (no grad, eval mode).
+        """(B·G, N) log-probs of the rollout codes under ``model`` for ``plan`` (no grad), in the same deterministic
+        mode as the update's forward (:func:`deterministic_scoring`: dropout off), so r = 1 at the first iteration.
 
         Passes with identical inputs (e.g. the fully masked canvas every HT-GRPO iteration uses) are computed once.
         """
-        was_training = model.training
-        model.eval()
-        try:
+        with deterministic_scoring(model):
             out = torch.zeros(rollout.sampled.codes.shape, dtype=torch.float32, device=self.policy.device)
             for p in plan.passes:
                 key = _pass_key(p)
@@ -263,8 +311,6 @@ class HTGRPO(GRPOModule):
                     cache[key] = self._all_position_log_probs(model, rollout, p)
                 out = torch.where(p.scored.to(out.device), cache[key], out)
             return out
-        finally:
-            model.train(was_training)
 
     def _all_position_log_probs(self, model: torch.nn.Module, rollout: Rollout, scoring_pass: Any) -> torch.Tensor:
         """log π(x_i | prompt, canvas) at every image position, in micro-batches."""
@@ -289,32 +335,35 @@ class HTGRPO(GRPOModule):
         total_seqs = int(scored_mask.any(1).sum())
         sums = {"loss": 0.0, "kl": 0.0, "ratio": 0.0, "low": 0.0, "high": 0.0}
         ratios = []
-        for sl in self._micro_batches(len(rollout)):
-            mask = scored_mask[sl]
-            if not bool(mask.any()):
-                continue
-            plan = ScoringPlan([_slice_pass(p, sl) for p in it.plan.passes], shape=tuple(mask.shape))
-            logp = token_log_probs(self.policy, rollout.prompt_tokens[sl], codes[sl], plan).logp
-            terms = clipped_surrogate(logp, it.old_logp[sl], token_adv[sl], self.epsilon, self.epsilon_high)
-            per_token = terms.loss
-            kl = None
-            if self.beta > 0 and it.ref_logp is not None:
-                kl = k3_kl(logp, it.ref_logp[sl])
-                per_token = per_token + self.beta * kl
-            # Weight each micro-batch's mean by its share so the sum is the whole batch's aggregate.
-            if self.loss_type == "token_mean":
-                share = int(mask.sum()) / max(total_tokens, 1)
-            else:
-                share = int(mask.any(1).sum()) / max(total_seqs, 1)
-            loss = aggregate_loss(per_token, mask, self.loss_type) * share
-            self.manual_backward(loss)
-            m = mask.float()
-            sums["loss"] += float(loss.detach())
-            sums["kl"] += float((kl.detach() * m).sum()) if kl is not None else 0.0
-            sums["ratio"] += float((terms.ratio.detach() * m).sum())
-            sums["low"] += float((terms.clipped_low.float() * m).sum())
-            sums["high"] += float((terms.clipped_high.float() * m).sum())
-            ratios.append(terms.ratio.detach()[mask].cpu())
+        # Forward AND backward in the old/reference log-probs' mode: dropout off (r = 1 exactly at the first
+        # iteration), and checkpointed blocks recompute in backward with the modules their forward saw.
+        with deterministic_scoring(self.policy):
+            for sl in self._micro_batches(len(rollout)):
+                mask = scored_mask[sl]
+                if not bool(mask.any()):
+                    continue
+                plan = ScoringPlan([_slice_pass(p, sl) for p in it.plan.passes], shape=tuple(mask.shape))
+                logp = token_log_probs(self.policy, rollout.prompt_tokens[sl], codes[sl], plan).logp
+                terms = clipped_surrogate(logp, it.old_logp[sl], token_adv[sl], self.epsilon, self.epsilon_high)
+                per_token = terms.loss
+                kl = None
+                if self.beta > 0 and it.ref_logp is not None:
+                    kl = k3_kl(logp, it.ref_logp[sl])
+                    per_token = per_token + self.beta * kl
+                # Weight each micro-batch's mean by its share so the sum is the whole batch's aggregate.
+                if self.loss_type == "token_mean":
+                    share = int(mask.sum()) / max(total_tokens, 1)
+                else:
+                    share = int(mask.any(1).sum()) / max(total_seqs, 1)
+                loss = aggregate_loss(per_token, mask, self.loss_type) * share
+                self.manual_backward(loss)
+                m = mask.float()
+                sums["loss"] += float(loss.detach())
+                sums["kl"] += float((kl.detach() * m).sum()) if kl is not None else 0.0
+                sums["ratio"] += float((terms.ratio.detach() * m).sum())
+                sums["low"] += float((terms.clipped_low.float() * m).sum())
+                sums["high"] += float((terms.clipped_high.float() * m).sum())
+                ratios.append(terms.ratio.detach()[mask].cpu())
         grad_norm = self.clip_and_step(optimizer)
         n = max(total_tokens, 1)
         structure_steps = rollout.sampled.commit_step[scored.structure.cpu()].float()

@@ -396,6 +396,8 @@ class MARGRPO(GRPOModule):
         t0 = time.perf_counter()
         rewards = self.reward(rollout)                                       # 2. scorer
         timings["reward"] = time.perf_counter() - t0
+        if self.skip_unscored_batch(rollout, rewards, timings):     # no finite reward: never train on it
+            return
         adv = group_advantages(rewards, self.num_generations, self.scale_rewards)   # 3. group advantages
 
         t0 = time.perf_counter()

@@ -9,7 +9,7 @@ Every tensor is laid out group-contiguous: sample ``g·G + j`` is generation ``j
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,20 +23,33 @@ from htgrpo.policies.sampling import SampledImageTokens
 
 
 def sample_in_micro_batches(sampler: Any, policy: Any, prompt_tokens: PromptTokens, generator: torch.Generator | None,
-                            micro_batch_size: int | None) -> SampledImageTokens:
+                            micro_batch_size: int | None,
+                            on_chunk: Callable[[slice, SampledImageTokens], None] | None = None) -> SampledImageTokens:
     """Run ``sampler.sample`` on consecutive chunks of ``micro_batch_size`` prompts and concatenate the records.
 
     A group of 9 sequences of 1283 tokens with CFG is 18 sequences per forward pass; chunks bound the activation
     memory of the rollout. The chunks draw from the same ``generator`` one after another, so a fixed seed and chunk
     size reproduce; ``None`` (or a size >= the batch) samples everything in one call, exactly as before.
+
+    ``on_chunk(rows, part)``, when given, is called after each chunk is sampled (before the next one starts) with the
+    chunk's rows of the batch and its record: the hook that hands chunk i to a scorer while chunk i+1 samples
+    (:mod:`htgrpo.algorithms.overlap`).
     """
     n = prompt_tokens.batch_size
-    if micro_batch_size is None or int(micro_batch_size) >= n:
-        return sampler.sample(policy, prompt_tokens, generator=generator)
-    size = int(micro_batch_size)
+    size = n if micro_batch_size is None else min(int(micro_batch_size), n)
     if size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    parts = [sampler.sample(policy, prompt_tokens[i:i + size], generator=generator) for i in range(0, n, size)]
+    if size >= n:
+        whole = sampler.sample(policy, prompt_tokens, generator=generator)
+        if on_chunk is not None:
+            on_chunk(slice(0, n), whole)
+        return whole
+    parts = []
+    for i in range(0, n, size):
+        part = sampler.sample(policy, prompt_tokens[i:i + size], generator=generator)
+        if on_chunk is not None:
+            on_chunk(slice(i, min(i + size, n)), part)
+        parts.append(part)
     return SampledImageTokens.concat(parts)
 
 

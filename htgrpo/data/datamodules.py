@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from htgrpo.config import require
+from htgrpo.data.train_val_overlap import check_train_val_overlap
 from htgrpo.data.prompt_sets import PromptSet, ShapesPromptStream, StreamItem
 from htgrpo.data.records import BenchmarkPrompt
 
@@ -134,16 +135,24 @@ class PromptDataModule(L.LightningDataModule):
         train_length: examples per training "epoch" for a stream (the stream never repeats an index).
         num_workers: DataLoader worker processes (0 = load in the main process; ShapesWorld is cheap).
         seed: shuffling seed for prompt-set sources.
+        allow_train_val_overlap: train on prompts that are also validation prompts on purpose. By default a
+            prompt-set ``train`` sharing a prompt with ``val_prompts`` stops at start-up naming the count and an
+            example (:func:`htgrpo.data.train_val_overlap.check_train_val_overlap`; ShapesWorld streams are not
+            checked).
     """
 
     def __init__(self, train: ShapesPromptStream | PromptSet, val_prompts: PromptSet | None = None,
                  batch_size: int = 32, val_batch_size: int = 16, train_length: int = 1_000_000,
-                 num_workers: int = 0, seed: int = 0):
+                 num_workers: int = 0, seed: int = 0, allow_train_val_overlap: bool = False):
         super().__init__()
+        require(isinstance(allow_train_val_overlap, bool), "allow_train_val_overlap",
+                f"must be true or false, got {allow_train_val_overlap!r}")
         require(int(batch_size) >= 1, "batch_size", f"must be >= 1, got {batch_size}")
         require(int(val_batch_size) >= 1, "val_batch_size", f"must be >= 1, got {val_batch_size}")
         require(int(train_length) >= 1, "train_length", f"must be >= 1, got {train_length}")
         require(int(num_workers) >= 0, "num_workers", f"must be >= 0, got {num_workers}")
+        # Before any model loads (fit builds the data before the policy): a test-set run stops here.
+        check_train_val_overlap(train, val_prompts, allow=allow_train_val_overlap)
         block = getattr(train, "block_size", 0)
         if block and int(batch_size) % block:
             # Still balanced over every block, just not within each batch: worth a word, not a failure.

@@ -33,17 +33,18 @@ from pathlib import Path
 from typing import Any, Union
 
 from htgrpo.data.records import (
+    _GENEVAL_EXAMPLE,
     DPG_CSV_COLUMNS,
-    GENEVAL_COLORS,
-    GENEVAL_RELATIONS,
-    GENEVAL_TASKS,
     BenchmarkPrompt,
     DPGItem,
     DPGProposition,
     GenEvalRecord,
-    GenEvalRequirement,
     MetadataError,
+    parse_geneval_record,
 )
+from htgrpo.data.records import found_text as _show
+from htgrpo.data.records import is_plain_int as _is_int
+from htgrpo.data.records import schema_error as _error
 
 __all__ = [
     "GENEVAL_METADATA_NAME",
@@ -80,38 +81,10 @@ _DPG_CSV_HOWTO = (
     "(load_dpg(prompts_path, None))"
 )
 
-_RECORD_KEYS = ("tag", "include", "exclude", "prompt")
-_INCLUDE_KEYS = ("class", "count", "color", "position")
-_EXCLUDE_KEYS = ("class", "count")
-_GENEVAL_EXAMPLE = (
-    '{"tag": "position", "include": [{"class": "cake", "count": 1}, '
-    '{"class": "dog", "count": 1, "position": ["right of", 0]}], "prompt": "a photo of a dog right of a cake"}'
-)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _show(value: Any) -> str:
-    """A short, unambiguous rendering of a found value (JSON where possible)."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _error(source: str, key: str, found: str, expected: str, todo: str = "") -> MetadataError:
-    msg = f"{source}: key '{key}': found {found}; expected {expected}"
-    if todo:
-        msg += f"; {todo}"
-    return MetadataError(msg)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -147,134 +120,6 @@ def _id_list(ids: Sequence[str], limit: int = 5) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # GenEval
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _parse_requirement(entry: Any, source: str, key: str, index: int, *, exclude: bool) -> GenEvalRequirement:
-    allowed = _EXCLUDE_KEYS if exclude else _INCLUDE_KEYS
-    shape = "{class, count}" if exclude else "{class, count, [color], [position]}"
-    if not isinstance(entry, dict):
-        raise _error(source, key, _show(entry), f"an object {shape}")
-    for k in entry:
-        if k not in allowed:
-            todo = (
-                "the GenEval evaluator only reads class and count in 'exclude'; remove it"
-                if exclude and k in _INCLUDE_KEYS
-                else f"allowed keys are {', '.join(allowed)}; remove or rename it"
-            )
-            raise _error(source, f"{key}.{k}", f"unknown key {_show(k)}", f"one of {list(allowed)}", todo)
-    if "class" not in entry:
-        raise _error(source, f"{key}.class", "nothing (key missing)", "the object class name, e.g. \"dog\"")
-    cls = entry["class"]
-    if not isinstance(cls, str) or not cls.strip():
-        raise _error(source, f"{key}.class", _show(cls), "a non-empty string, e.g. \"dog\"")
-    if "count" not in entry:
-        raise _error(source, f"{key}.count", "nothing (key missing)", "an integer >= 1")
-    count = entry["count"]
-    if not _is_int(count) or count < 1:
-        meaning = (
-            "the image fails when this many or more are detected"
-            if exclude
-            else "at least this many must be detected"
-        )
-        raise _error(source, f"{key}.count", _show(count), f"an integer >= 1 ({meaning})")
-    color = entry.get("color")
-    if "color" in entry and (not isinstance(color, str) or color not in GENEVAL_COLORS):
-        raise _error(
-            source, f"{key}.color", _show(color), f"one of GenEval's colours {list(GENEVAL_COLORS)}"
-        )
-    position: tuple[str, int] | None = None
-    if "position" in entry:
-        pos = entry["position"]
-        expected = (
-            f"[relation, target_index] with relation in {list(GENEVAL_RELATIONS)} and target_index an "
-            f"integer in 0..{index - 1} (an earlier include entry)"
-            if index > 0
-            else "no position on include[0]: a position must point at an earlier include entry"
-        )
-        if not isinstance(pos, (list, tuple)) or len(pos) != 2:
-            raise _error(source, f"{key}.position", _show(pos), expected)
-        rel, target = pos
-        if not isinstance(rel, str) or rel not in GENEVAL_RELATIONS:
-            raise _error(source, f"{key}.position", _show(pos), expected, f"relation {_show(rel)} is unknown")
-        if not _is_int(target) or not 0 <= target < index:
-            raise _error(
-                source,
-                f"{key}.position",
-                _show(pos),
-                expected,
-                f"target index {_show(target)} does not name an earlier include entry",
-            )
-        position = (rel, target)
-    return GenEvalRequirement(cls=cls, count=count, color=color, position=position)
-
-
-def parse_geneval_record(obj: dict, source: str) -> GenEvalRecord:
-    """Validate one GenEval metadata object and build its :class:`GenEvalRecord`.
-
-    The schema is checked strictly:
-
-    * ``tag`` is one of ``GENEVAL_TASKS``.
-    * ``prompt`` is a non-empty string.
-    * ``include`` is a non-empty list of ``{class: str, count: int >= 1}``. An entry may also have ``color``
-      (one of ``GENEVAL_COLORS``) and ``position``, written ``[relation, target_index]``, where the relation
-      is one of ``GENEVAL_RELATIONS`` and ``target_index`` is an integer smaller than the entry's own index.
-    * ``exclude`` is optional, a list of ``{class, count}``.
-    * Unknown keys are rejected, at any level.
-
-    Args:
-        obj: the decoded JSON object.
-        source: where it came from, used in messages, e.g. ``path/evaluation_metadata.jsonl:17``.
-
-    Raises:
-        MetadataError: the message names ``source``, the key (e.g. ``include[1].position``), what was found
-            and what is expected.
-    """
-    if not isinstance(obj, dict):
-        raise _error(source, "<record>", _show(obj), f"a JSON object like {_GENEVAL_EXAMPLE}")
-    for k in obj:
-        if k not in _RECORD_KEYS:
-            raise _error(
-                source,
-                str(k),
-                f"unknown key {_show(k)}",
-                f"only the keys {list(_RECORD_KEYS)}",
-                "remove or rename it",
-            )
-    if "tag" not in obj:
-        raise _error(source, "tag", "nothing (key missing)", f"one of {list(GENEVAL_TASKS)}")
-    tag = obj["tag"]
-    if not isinstance(tag, str) or tag not in GENEVAL_TASKS:
-        raise _error(source, "tag", _show(tag), f"one of the GenEval tasks {list(GENEVAL_TASKS)}")
-    if "prompt" not in obj:
-        raise _error(source, "prompt", "nothing (key missing)", "the prompt text (a non-empty string)")
-    prompt = obj["prompt"]
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise _error(source, "prompt", _show(prompt), "the prompt text (a non-empty string)")
-    if "include" not in obj:
-        raise _error(
-            source,
-            "include",
-            "nothing (key missing)",
-            'a non-empty list of requirements like [{"class": "dog", "count": 1}]',
-            "every GenEval record needs at least one include entry",
-        )
-    include_raw = obj["include"]
-    if not isinstance(include_raw, list) or not include_raw:
-        raise _error(
-            source, "include", _show(include_raw), 'a non-empty list of requirements like [{"class": "dog", "count": 1}]'
-        )
-    include = tuple(
-        _parse_requirement(e, source, f"include[{i}]", i, exclude=False) for i, e in enumerate(include_raw)
-    )
-    exclude: tuple[GenEvalRequirement, ...] = ()
-    if "exclude" in obj:
-        exclude_raw = obj["exclude"]
-        if not isinstance(exclude_raw, list):
-            raise _error(source, "exclude", _show(exclude_raw), 'a list like [{"class": "dog", "count": 3}]')
-        exclude = tuple(
-            _parse_requirement(e, source, f"exclude[{i}]", i, exclude=True) for i, e in enumerate(exclude_raw)
-        )
-    return GenEvalRecord(tag=tag, prompt=prompt, include=include, exclude=exclude)
 
 
 def _geneval_file(path: PathLike) -> Path:

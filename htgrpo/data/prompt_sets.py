@@ -106,10 +106,11 @@ def _existing_path(value: str | None, key: str, what: str) -> Path:
 
 
 class GenEvalPrompts(PromptSet):
-    """The official GenEval prompts, read from ``evaluation_metadata.jsonl`` (a file or its folder).
+    """GenEval prompts read from a GenEval metadata file: the official ``evaluation_metadata.jsonl`` (a file or its
+    folder), or a training file of the same schema (``python -m htgrpo.prompts geneval_train``).
 
     Args:
-        path: the jsonl file or a folder holding it (GenEval repo, ``prompts/``).
+        path: the jsonl file or a folder holding ``evaluation_metadata.jsonl`` (GenEval repo, ``prompts/``).
         limit: keep only the first ``limit`` prompts (None = all 553).
     """
 

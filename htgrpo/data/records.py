@@ -16,8 +16,10 @@ are the same Python object and go through the same scorer.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 GENEVAL_TASKS: tuple[str, ...] = (
     "single_object",
@@ -175,6 +177,189 @@ class BenchmarkPrompt:
     record: Union[GenEvalRecord, DPGItem] = field(compare=False)
 
 
+# ---- GenEval records from JSON objects: strict schema (the metadata file's lines and the wire format) -------------
+
+
+_RECORD_KEYS = ("tag", "include", "exclude", "prompt")
+_INCLUDE_KEYS = ("class", "count", "color", "position")
+_EXCLUDE_KEYS = ("class", "count")
+_GENEVAL_EXAMPLE = (
+    '{"tag": "position", "include": [{"class": "cake", "count": 1}, '
+    '{"class": "dog", "count": 1, "position": ["right of", 0]}], "prompt": "a photo of a dog right of a cake"}'
+)
+
+
+def found_text(value: Any) -> str:
+    """A short, unambiguous rendering of a found value (JSON where possible)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def schema_error(source: str, key: str, found: str, expected: str, todo: str = "") -> MetadataError:
+    """``<source>: key '<key>': found <found>; expected <expected>[; <todo>]``."""
+    msg = f"{source}: key '{key}': found {found}; expected {expected}"
+    if todo:
+        msg += f"; {todo}"
+    return MetadataError(msg)
+
+
+def is_plain_int(value: Any) -> bool:
+    """An int that is not a bool (JSON true/false are not counts)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_requirement(entry: Any, source: str, key: str, index: int, *, exclude: bool) -> GenEvalRequirement:
+    allowed = _EXCLUDE_KEYS if exclude else _INCLUDE_KEYS
+    shape = "{class, count}" if exclude else "{class, count, [color], [position]}"
+    if not isinstance(entry, dict):
+        raise schema_error(source, key, found_text(entry), f"an object {shape}")
+    for k in entry:
+        if k not in allowed:
+            todo = (
+                "the GenEval evaluator only reads class and count in 'exclude'; remove it"
+                if exclude and k in _INCLUDE_KEYS
+                else f"allowed keys are {', '.join(allowed)}; remove or rename it"
+            )
+            raise schema_error(source, f"{key}.{k}", f"unknown key {found_text(k)}", f"one of {list(allowed)}", todo)
+    if "class" not in entry:
+        raise schema_error(source, f"{key}.class", "nothing (key missing)", "the object class name, e.g. \"dog\"")
+    cls = entry["class"]
+    if not isinstance(cls, str) or not cls.strip():
+        raise schema_error(source, f"{key}.class", found_text(cls), "a non-empty string, e.g. \"dog\"")
+    if "count" not in entry:
+        raise schema_error(source, f"{key}.count", "nothing (key missing)", "an integer >= 1")
+    count = entry["count"]
+    if not is_plain_int(count) or count < 1:
+        meaning = (
+            "the image fails when this many or more are detected"
+            if exclude
+            else "at least this many must be detected"
+        )
+        raise schema_error(source, f"{key}.count", found_text(count), f"an integer >= 1 ({meaning})")
+    color = entry.get("color")
+    if "color" in entry and (not isinstance(color, str) or color not in GENEVAL_COLORS):
+        raise schema_error(
+            source, f"{key}.color", found_text(color), f"one of GenEval's colours {list(GENEVAL_COLORS)}"
+        )
+    position: tuple[str, int] | None = None
+    if "position" in entry:
+        pos = entry["position"]
+        expected = (
+            f"[relation, target_index] with relation in {list(GENEVAL_RELATIONS)} and target_index an "
+            f"integer in 0..{index - 1} (an earlier include entry)"
+            if index > 0
+            else "no position on include[0]: a position must point at an earlier include entry"
+        )
+        if not isinstance(pos, (list, tuple)) or len(pos) != 2:
+            raise schema_error(source, f"{key}.position", found_text(pos), expected)
+        rel, target = pos
+        if not isinstance(rel, str) or rel not in GENEVAL_RELATIONS:
+            raise schema_error(source, f"{key}.position", found_text(pos), expected, f"relation {found_text(rel)} is unknown")
+        if not is_plain_int(target) or not 0 <= target < index:
+            raise schema_error(
+                source,
+                f"{key}.position",
+                found_text(pos),
+                expected,
+                f"target index {found_text(target)} does not name an earlier include entry",
+            )
+        position = (rel, target)
+    return GenEvalRequirement(cls=cls, count=count, color=color, position=position)
+
+
+def parse_geneval_record(obj: dict, source: str) -> GenEvalRecord:
+    """Validate one GenEval metadata object and build its :class:`GenEvalRecord`.
+
+    The schema is checked strictly:
+
+    * ``tag`` is one of ``GENEVAL_TASKS``.
+    * ``prompt`` is a non-empty string.
+    * ``include`` is a non-empty list of ``{class: str, count: int >= 1}``. An entry may also have ``color``
+      (one of ``GENEVAL_COLORS``) and ``position``, written ``[relation, target_index]``, where the relation
+      is one of ``GENEVAL_RELATIONS`` and ``target_index`` is an integer smaller than the entry's own index.
+    * ``exclude`` is optional, a list of ``{class, count}``.
+    * Unknown keys are rejected, at any level.
+
+    Args:
+        obj: the decoded JSON object.
+        source: where it came from, used in messages, e.g. ``path/evaluation_metadata.jsonl:17``.
+
+    Raises:
+        MetadataError: the message names ``source``, the key (e.g. ``include[1].position``), what was found
+            and what is expected.
+    """
+    if not isinstance(obj, dict):
+        raise schema_error(source, "<record>", found_text(obj), f"a JSON object like {_GENEVAL_EXAMPLE}")
+    for k in obj:
+        if k not in _RECORD_KEYS:
+            raise schema_error(
+                source,
+                str(k),
+                f"unknown key {found_text(k)}",
+                f"only the keys {list(_RECORD_KEYS)}",
+                "remove or rename it",
+            )
+    if "tag" not in obj:
+        raise schema_error(source, "tag", "nothing (key missing)", f"one of {list(GENEVAL_TASKS)}")
+    tag = obj["tag"]
+    if not isinstance(tag, str) or tag not in GENEVAL_TASKS:
+        raise schema_error(source, "tag", found_text(tag), f"one of the GenEval tasks {list(GENEVAL_TASKS)}")
+    if "prompt" not in obj:
+        raise schema_error(source, "prompt", "nothing (key missing)", "the prompt text (a non-empty string)")
+    prompt = obj["prompt"]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise schema_error(source, "prompt", found_text(prompt), "the prompt text (a non-empty string)")
+    if "include" not in obj:
+        raise schema_error(
+            source,
+            "include",
+            "nothing (key missing)",
+            'a non-empty list of requirements like [{"class": "dog", "count": 1}]',
+            "every GenEval record needs at least one include entry",
+        )
+    include_raw = obj["include"]
+    if not isinstance(include_raw, list) or not include_raw:
+        raise schema_error(
+            source, "include", found_text(include_raw), 'a non-empty list of requirements like [{"class": "dog", "count": 1}]'
+        )
+    include = tuple(
+        _parse_requirement(e, source, f"include[{i}]", i, exclude=False) for i, e in enumerate(include_raw)
+    )
+    exclude: tuple[GenEvalRequirement, ...] = ()
+    if "exclude" in obj:
+        exclude_raw = obj["exclude"]
+        if not isinstance(exclude_raw, list):
+            raise schema_error(source, "exclude", found_text(exclude_raw), 'a list like [{"class": "dog", "count": 3}]')
+        exclude = tuple(
+            _parse_requirement(e, source, f"exclude[{i}]", i, exclude=True) for i, e in enumerate(exclude_raw)
+        )
+    return GenEvalRecord(tag=tag, prompt=prompt, include=include, exclude=exclude)
+
+
+# ---- DSG proposition tuples (DPGProposition.tuple) ---------------------------------------------------------------
+
+
+def format_tuple(broad: str, detailed: str, args: Sequence[str]) -> str:
+    """DSG tuple string ``"<broad> - <detailed> (<args>)"`` (``"global - (args)"`` when detailed is empty)."""
+    head = f"{broad} - {detailed}" if detailed else f"{broad} -"
+    return f"{head} ({', '.join(args)})"
+
+
+_TUPLE_RE = re.compile(r"^\s*([^-(]+?)\s*-\s*([^(]*?)\s*\((.*)\)\s*$")
+
+
+def parse_tuple(text: str) -> tuple[str, str, list[str]]:
+    """Inverse of ``format_tuple``: ``(broad, detailed, args)``; raises ``MetadataError`` if malformed."""
+    m = _TUPLE_RE.match(text)
+    if m is None:
+        raise MetadataError(f"malformed proposition tuple {text!r}; expected '<broad> - <detailed> (args, ...)'")
+    args = [a.strip() for a in m.group(3).split(",")] if m.group(3).strip() else []
+    return m.group(1).strip(), m.group(2).strip(), args
+
+
 # ---- JSON form of records (the reward server's wire format; never pickle) ---------------------------------------
 RecordLike = Union[GenEvalRecord, DPGItem, str, None]
 
@@ -213,8 +398,6 @@ def record_from_json(obj: Any, source: str = "record") -> RecordLike:
         if kind == "prompt":
             return str(obj["prompt"])
         if kind == "geneval":
-            from htgrpo.data.loaders import parse_geneval_record
-
             return parse_geneval_record({k: v for k, v in obj.items() if k != "type"}, source)
         props = tuple(
             DPGProposition(int(p["proposition_id"]), tuple(int(d) for d in p["dependency"]), str(p["category_broad"]),

@@ -18,6 +18,7 @@ import torch
 from htgrpo.config import require
 from htgrpo.data.prompt_sets import PromptSet
 from htgrpo.data.records import BenchmarkPrompt
+from htgrpo.evaluation.diversity import ShapesDiversityMetric, make_diversity_metric
 from htgrpo.evaluation.metrics import DPGMetric, GenEvalMetric
 
 log = logging.getLogger("htgrpo.evaluation")
@@ -65,6 +66,11 @@ class Benchmark:
     def make_metric(self) -> GenEvalMetric | DPGMetric:
         return GenEvalMetric() if self.kind == "geneval" else DPGMetric()
 
+    def make_diversity_metric(self) -> ShapesDiversityMetric | None:
+        """Diversity / fidelity metrics beside the benchmark's score (``htgrpo.evaluation.diversity``): for a
+        ShapesWorld GenEval scorer; None for scorers that cannot hand over their detections."""
+        return make_diversity_metric(self.scorer, self.kind)
+
     def prepare(self) -> None:
         """Start-up work before generating: load the scorer's models (scorers load lazily, so building a benchmark
         that never scores needs no weights) and check the prompts against the scorer (e.g. GenEval classes the
@@ -76,10 +82,12 @@ class Benchmark:
         self._prepared = True
 
     def score(self, prompts: Sequence[BenchmarkPrompt], images: torch.Tensor,
-              metric: GenEvalMetric | DPGMetric | None = None) -> list[dict[str, Any]]:
+              metric: GenEvalMetric | DPGMetric | None = None,
+              diversity: ShapesDiversityMetric | None = None) -> list[dict[str, Any]]:
         """Score ``images`` (prompt-major: ``images_per_prompt`` consecutive images per prompt).
 
-        Updates ``metric`` when given and returns one row per image (GenEval's per-image result format).
+        Updates ``metric`` when given, and ``diversity`` (from the scorer's own detections, so every image is
+        detected once) when given, and returns one row per image (GenEval's per-image result format).
         """
         if not getattr(self, "_prepared", False):  # e.g. the first validation of `fit`, which does not call prepare() itself
             self.prepare()
@@ -102,7 +110,11 @@ class Benchmark:
                 elif metric is not None:
                     metric.update(list(r.crop_scores), [r.category_scores])
             return rows
-        results = self.scorer.score(images, [p.record for p in expanded])
+        if diversity is not None:
+            results, detections = self.scorer.score_with_detections(images, [p.record for p in expanded])
+            diversity.update(prompts, images, detections, ipp)
+        else:
+            results = self.scorer.score(images, [p.record for p in expanded])
         if self.kind == "geneval":
             for i, (p, r) in enumerate(zip(expanded, results)):
                 row = {"key": p.key, "image_index": i % ipp, "tag": p.group, "prompt": p.prompt,
@@ -135,6 +147,9 @@ class BenchmarkReport:
     num_prompts: int
     rows: list[dict[str, Any]] = field(default_factory=list)
     samples: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> uint8 images for a grid
+    sample_prompts: dict[str, list[str]] = field(default_factory=dict)  # group -> prompt of each sample image
+    sample_correct: dict[str, list[bool | None]] = field(default_factory=dict)  # group -> verdict per sample image
+    diversity: dict[str, float] = field(default_factory=dict)  # diversity/fidelity metrics (ShapesWorld GenEval)
 
     def results_json(self) -> dict[str, Any]:
         """The results file: GenEval ``{benchmark, overall in [0,1], tasks, num_images}``;
@@ -152,7 +167,11 @@ class BenchmarkReport:
         sep = "|" + "---|" * (len(parts) + 1)
         fmt = (lambda v: f"{v:.3f}") if self.kind == "geneval" else (lambda v: f"{v:.2f}")
         row = "| " + " | ".join([fmt(v) for _, v in parts] + [fmt(self.scores["overall"])]) + " |"
-        return "\n".join([f"{self.benchmark} ({self.num_prompts} prompts, {self.num_images} images)", header, sep, row])
+        lines = [f"{self.benchmark} ({self.num_prompts} prompts, {self.num_images} images)", header, sep, row]
+        if self.diversity:
+            lines += ["", "| diversity / fidelity | value |", "|---|---|"]
+            lines += [f"| {k} | {v:.4f} |" for k, v in self.diversity.items()]
+        return "\n".join(lines)
 
 
 def run_benchmark(benchmark: Benchmark, image_generator: ImageGenerator, seed: int = 0,
@@ -167,11 +186,14 @@ def run_benchmark(benchmark: Benchmark, image_generator: ImageGenerator, seed: i
     prompts = benchmark.prompts.prompts
     ipp = benchmark.images_per_prompt
     metric = benchmark.make_metric()
+    diversity = benchmark.make_diversity_metric()
     generator = torch.Generator().manual_seed(int(seed))
     prompts_per_batch = max(1, benchmark.batch_size // ipp)
     num_batches = math.ceil(len(prompts) / prompts_per_batch)
     rows: list[dict[str, Any]] = []
     samples: dict[str, list[torch.Tensor]] = {}
+    sample_prompts: dict[str, list[str]] = {}
+    sample_correct: dict[str, list[bool | None]] = {}
     batches = range(num_batches)
     if progress:
         from rich.progress import track
@@ -182,7 +204,7 @@ def run_benchmark(benchmark: Benchmark, image_generator: ImageGenerator, seed: i
         expanded = [p for p in chunk for _ in range(ipp)]
         with torch.no_grad():
             images = image_generator.generate(expanded, generator).cpu()
-        batch_rows = benchmark.score(chunk, images, metric)
+        batch_rows = benchmark.score(chunk, images, metric, diversity)
         if image_dir is not None:
             from htgrpo.evaluation.official import save_dpg_grids, save_geneval_images
 
@@ -194,20 +216,23 @@ def run_benchmark(benchmark: Benchmark, image_generator: ImageGenerator, seed: i
             bucket = samples.setdefault(p.group, [])
             if len(bucket) < samples_per_group * ipp:
                 bucket.extend(images[j * ipp:(j + 1) * ipp])
+                sample_prompts.setdefault(p.group, []).extend([p.prompt] * ipp)
+                sample_correct.setdefault(p.group, []).extend(
+                    row["correct"] if "correct" in row else None for row in batch_rows[j * ipp:(j + 1) * ipp])
     scores = metric.compute()
     return BenchmarkReport(benchmark=benchmark.name, kind=benchmark.kind, scores=scores,
                            num_images=len(prompts) * ipp, num_prompts=len(prompts), rows=rows,
-                           samples={g: torch.stack(v) for g, v in samples.items()})
+                           samples={g: torch.stack(v) for g, v in samples.items()},
+                           sample_prompts=sample_prompts, sample_correct=sample_correct,
+                           diversity=({f"diversity/{k}": v for k, v in diversity.compute().items()}
+                                      if diversity is not None else {}))
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> Path:
-    """Save uint8 images (B, 3, H, W) as one PNG grid with ``nrow`` images per row."""
-    from PIL import Image
-    from torchvision.utils import make_grid
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, prompts: Sequence[str] | None = None,
+              verdicts: Sequence[bool | None] | None = None) -> Path:
+    """Save uint8 images (B, 3, H, W) as one PNG grid with ``nrow`` images per row, each row captioned with its
+    prompt(s) and each image framed green (correct) / red (wrong) when ``prompts`` / ``verdicts`` (one per image) are
+    given (``htgrpo.evaluation.grids.annotated_grid``)."""
+    from htgrpo.evaluation.grids import save_annotated_grid
 
-    grid = make_grid(images.float() / 255.0, nrow=nrow, padding=2, pad_value=1.0)
-    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
+    return save_annotated_grid(images, path, nrow, prompts, verdicts)

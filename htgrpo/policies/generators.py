@@ -12,6 +12,8 @@ import torch
 
 from htgrpo.config import require, require_choice
 from htgrpo.data.records import BenchmarkPrompt
+from htgrpo.policies.masked_diffusion import MaskedDiffusionPolicy
+from htgrpo.policies.sampling import COUNT_RULES
 
 SAMPLERS = ("maskgit", "emerge")
 
@@ -31,6 +33,10 @@ class SamplerSettings:
             temperature·(1 − k/T)), ``compound`` (MMaDA's in-place quirk) or ``none`` (Lumina-DiMOO).
         choice_temperature: MaskGIT only: scale of the Gumbel noise on the confidences that order the
             commits; None uses ``temperature`` (as MMaDA/DiMOO do). MaskGIT's own default is 4.5.
+        count_rule: MaskGIT only: how the cosine schedule becomes per-step commit counts
+            (:func:`~htgrpo.policies.sampling.maskgit_commit_counts`): ``float64`` (math in float64; ``maskgit``),
+            ``mmada`` (MMaDA's float32 CPU arithmetic; a lone masked token waits for the last step) or ``dimoo``
+            (DiMOO's float32 arithmetic on the model's device; a lone masked token is committed at once).
     """
 
     name: str = "maskgit"
@@ -40,6 +46,7 @@ class SamplerSettings:
     schedule: str = "cosine"
     noise_anneal: str = "linear"
     choice_temperature: float | None = None
+    count_rule: str = "float64"
 
     def __post_init__(self) -> None:
         require_choice(self.name, SAMPLERS, "name")
@@ -48,6 +55,7 @@ class SamplerSettings:
         require(float(self.temperature) >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         require_choice(self.schedule, ("cosine",), "schedule")
         require_choice(self.noise_anneal, ("linear", "compound", "none"), "noise_anneal")
+        require_choice(self.count_rule, COUNT_RULES, "count_rule")
         require(self.choice_temperature is None or float(self.choice_temperature) >= 0, "choice_temperature",
                 f"must be >= 0 or null, got {self.choice_temperature}")
 
@@ -59,7 +67,7 @@ class SamplerSettings:
         kwargs = dict(num_steps=int(self.num_steps), guidance_scale=float(self.guidance_scale), generator=generator)
         if self.name == "maskgit":
             kwargs.update(temperature=float(self.temperature), schedule=self.schedule, noise_anneal=self.noise_anneal,
-                          choice_temperature=self.choice_temperature)
+                          choice_temperature=self.choice_temperature, count_rule=self.count_rule)
         else:
             kwargs.update(temperature=float(self.temperature), schedule=self.schedule)
         return fn(policy, prompt_tokens, **kwargs)
@@ -77,7 +85,12 @@ class PolicyImageGenerator:
         was_training = self.policy.training
         self.policy.eval()
         device = next(self.policy.parameters()).device
-        prompt_tokens = self.policy.encode_prompts([p.prompt for p in prompts]).to(device)
+        texts = [p.prompt for p in prompts]
+        if isinstance(self.policy, MaskedDiffusionPolicy):  # names a prompt its length cap cuts (logged once)
+            prompt_tokens = self.policy.encode_prompts(texts, keys=[f"{p.benchmark}:{p.key}" for p in prompts])
+        else:
+            prompt_tokens = self.policy.encode_prompts(texts)
+        prompt_tokens = prompt_tokens.to(device)
         gen = generator if device.type == "cpu" else torch.Generator(device).manual_seed(
             int(torch.randint(0, 2**62, (1,), generator=generator)))
         sampled = self.sampler.sample(self.policy, prompt_tokens, generator=gen)

@@ -92,6 +92,36 @@ class LLaDAConfig(PreTrainedConfig):
     scale_logits: bool = False
     clip_qkv: float | None = None
     block_group_size: int = 1
+    # The other fields of the released ``ModelConfig`` (folder_compat.LLADA_MODEL_CONFIG_FIELDS), declared so that
+    # every config.json htgrpo writes carries them. MMaDA's loader reads each one (AttributeError when one is missing).
+    # DiMOO's loader fills a missing one with the dataclass default, e.g. dropout 0.1. The values are LLaDA-8B's
+    # released ones. This model does not compute dropout, ALiBi or flash attention. The init_* fields only matter to
+    # the released code when it initialises weights itself.
+    alibi_bias_max: float = 8.0
+    rope_full_precision: bool = True
+    flash_attention: bool = False
+    attention_dropout: float = 0.0
+    residual_dropout: float = 0.0
+    embedding_dropout: float = 0.0
+    layer_norm_with_affine: bool = True
+    attention_layer_norm_with_affine: bool = True
+    bias_for_layer_norm: bool | None = False
+    init_device: str | None = "meta"
+    init_fn: str = "mitchell"
+    init_cutoff_factor: float | None = None
+    precision: str | None = "amp_bf16"
+    use_cache: bool = False
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """What ``config.json`` holds: transformers 5's keys plus the 4.x names of the changed ones
+        (``torch_dtype``; see :func:`htgrpo.policies.folder_compat.v4_config_keys`). A config read from a checkpoint
+        keeps that checkpoint's ``model_type``. transformers would write the class's ``"llada"``, and then an
+        exported MMaDA folder would no longer be a ``model_type: mmada`` checkpoint."""
+        from htgrpo.policies.folder_compat import v4_config_keys
+
+        out = v4_config_keys(super().to_diff_dict())
+        out["model_type"] = self.__dict__.get("model_type") or out.get("model_type", self.model_type)
+        return out
 
     @property
     def effective_n_kv_heads(self) -> int:
@@ -245,6 +275,15 @@ class LLaDAModelLM(PreTrainedModel):
         self.post_init()
 
     # -- transformers plumbing ----------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """transformers' ``save_pretrained``, keeping the checkpoint's ``architectures`` (``MMadaModelLM``,
+        ``LLaDAForMultiModalGeneration``) in ``config.json``. transformers would replace them with this class's name."""
+        released = list(self.config.architectures or [])
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if released and released != list(self.config.architectures or []):
+            self.config.architectures = released
+            self.config.to_json_file(os.path.join(str(save_directory), "config.json"))
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.transformer["wte"]
 

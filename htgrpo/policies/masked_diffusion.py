@@ -107,8 +107,13 @@ class MaskedDiffusionPolicy(nn.Module):
         return self.layout.codebook_size
 
     # -- inputs -------------------------------------------------------------------------------------------------
-    def encode_prompts(self, texts: str | Sequence[str]) -> PromptTokens:
-        ids, mask = self.text_tokenizer.encode(texts, max_length=self.layout.max_text_len)
+    def encode_prompts(self, texts: str | Sequence[str], keys: Sequence[str] | None = None) -> PromptTokens:
+        """Tokenised prompts, left-padded to the layout's ``max_text_len`` (None, DiMOO as released: to the batch's
+        longest prompt, nothing cut). ``keys``: the prompts' ids, named when the tokenizer reports a cut prompt."""
+        if keys is None:
+            ids, mask = self.text_tokenizer.encode(texts, max_length=self.layout.max_text_len)
+        else:
+            ids, mask = self.text_tokenizer.encode(texts, max_length=self.layout.max_text_len, keys=keys)
         return PromptTokens(ids.to(self.device), mask.to(self.device))
 
     def sequences(
@@ -124,7 +129,7 @@ class MaskedDiffusionPolicy(nn.Module):
     ) -> torch.Tensor:
         codes = codes.to(self.device)
         ids, attn = self.sequences(codes, prompt)
-        img = self.layout.image_positions
+        img = self.layout.image_positions_in(ids.shape[1])  # DiMOO's depend on the batch's prompt length
         pos: slice | torch.Tensor
         if isinstance(img, slice):  # contiguous image part (MMaDA, toy)
             pos = img if positions is None else positions.to(self.device) + img.start

@@ -320,9 +320,9 @@ def _grid_tokenizer(cls_path: str, path: str, key: str, subfolder: str | None, h
 
 
 def _finish(policy: MaskedDiffusionPolicy, lora: Any, gradient_checkpointing: bool) -> MaskedDiffusionPolicy:
-    """Train mode (``from_pretrained`` returns eval mode, which would switch LoRA dropout off in the updates; the
-    samplers and log-prob passes switch to eval themselves), then LoRA / gradient checkpointing through
-    ``htgrpo.policies.lora``."""
+    """Train mode (``from_pretrained`` returns eval mode, which would switch gradient checkpointing and pretraining's
+    LoRA dropout off; the samplers switch to eval and the GRPO log-prob passes to dropout-free train mode themselves),
+    then LoRA / gradient checkpointing through ``htgrpo.policies.lora``."""
     policy.train()
     lora_r = int((lora or {}).get("r", 0) or 0) if isinstance(lora, Mapping) else 0
     try:
@@ -395,7 +395,7 @@ def build_dimoo_policy(
     pretrained: str = DIMOO_REPO,
     vq_model: str | None = None,
     resolution: int | Sequence[int] = 1024,
-    max_text_len: int = 128,
+    max_text_len: int | None = None,
     padding_mask: bool = True,
     dtype: str = "bfloat16",
     special_tokens: Mapping[str, int] | None = None,
@@ -409,14 +409,17 @@ def build_dimoo_policy(
         pretrained: checkpoint folder or hub id (``Alpha-VLLM/Lumina-DiMOO``); ``model_type: llada``.
         vq_model: folder holding the ``vqvae/`` VQModel; None = ``pretrained`` (DiMOO ships it in the same repo).
         resolution: int or [height, width], multiples of 16, non-square allowed (1024 -> 64x64 codes + 64 newlines).
-        max_text_len: tokens of the templated prompt (system + user template around the prompt), left-padded.
+        max_text_len: None (default, as released): prompts are never cut; a batch's templated prompts (system +
+            user template around the prompt) are left-padded to its longest. An int caps the templated prompt at
+            that many tokens: longer ones keep their start plus ``</user>``, and each cut prompt is logged once.
         padding_mask: True masks the left pads of a batch (= the released one-prompt-at-a-time logits); False passes
             no padding mask, as the released model does (pads are then attended). See ``DimooSequenceLayout``.
         dtype, special_tokens, vq_device, lora, gradient_checkpointing: as for :func:`build_mmada_policy`
             (special names: pad, mask, newline, answer_start, answer_end, boi, eoi).
     """
     height, width = parse_resolution(resolution)
-    require(int(max_text_len) >= 8, "max_text_len", f"must be >= 8, got {max_text_len}")
+    if max_text_len is not None:
+        require(int(max_text_len) >= 8, "max_text_len", f"must be >= 8 or null (no cap), got {max_text_len}")
     torch_dtype = _dtype(dtype)
     pretrained = str(pretrained)
     config = _checkpoint_config(pretrained, DIMOO_REPO, DIMOO_MODEL_TYPES, "dimoo")
@@ -429,7 +432,7 @@ def build_dimoo_policy(
     close_user = text_tok.tokenizer("</user>", add_special_tokens=False)["input_ids"]
     text_tok.keep_tail = list(close_user)  # truncation keeps the template closed
     uncond = tuple(text_tok.token_ids(DIMOO_UNCOND_PROMPT))
-    require(len(uncond) <= int(max_text_len), "max_text_len",
+    require(max_text_len is None or len(uncond) <= int(max_text_len), "max_text_len",
             f"must hold the {len(uncond)}-token unconditional prompt, got {max_text_len}")
     grid_tok = _grid_tokenizer("htgrpo.policies.image_tokenizers.DiffusersVQImageTokenizer",
                                str(vq_model or pretrained), "vq_model" if vq_model else "pretrained", "vqvae",
@@ -443,7 +446,8 @@ def build_dimoo_policy(
                     "sampler infers the offset the same way)", offset, DIMOO_IMAGE_OFFSET)
     rows, cols = grid_tok.grid
     layout = DimooSequenceLayout(image_token_offset=offset, codebook_size=codebook, rows=rows, cols=cols,
-                                 max_text_len=int(max_text_len), uncond_ids=uncond, padding_mask=bool(padding_mask),
+                                 max_text_len=None if max_text_len is None else int(max_text_len), uncond_ids=uncond,
+                                 padding_mask=bool(padding_mask),
                                  **ids)
     backbone = _load_backbone(pretrained, "pretrained", DIMOO_REPO, torch_dtype)
     policy = MaskedDiffusionPolicy(backbone, layout, text_tok, grid_tok)

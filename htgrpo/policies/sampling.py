@@ -10,7 +10,9 @@ Both samplers take either
 CFG is ``(1+s)·cond − s·uncond``; policies compute it in ONE batched forward over [cond; uncond] (the uncond half is
 skipped when s = 0). Logits are read only at image positions and only over the image-code columns.
 
-- :func:`maskgit_sample`: MaskGIT confidence sampling as in Lumina-DiMOO / MMaDA (reference §3.7, §5.5).
+- :func:`maskgit_sample`: MaskGIT confidence sampling as in Lumina-DiMOO / MMaDA (reference §3.7, §5.5); with
+  ``count_rule="mmada"`` / ``"dimoo"`` its per-step counts are the released samplers' (float32 arithmetic, last-token
+  rule), so given the same logits and noise it commits the positions they commit (tests/test_released_samplers.py).
 - :func:`emerge_sample`: MaskGRPO's ancestral "emerge" sampler (reference §4.1).
 
 ``confidence`` and ``entropy`` are read from the guided distribution softmax(logits) (temperature 1) at the step a
@@ -78,21 +80,80 @@ def masked_fraction(ratio: float, schedule: str = "cosine") -> float:
     raise ValueError(f"unknown schedule {schedule!r}; expected 'cosine' or 'linear'")
 
 
-def maskgit_commit_counts(num_tokens: int, num_steps: int, schedule: str = "cosine") -> list[int]:
-    """Tokens committed at each MaskGIT step.
+COUNT_RULES = ("float64", "mmada", "dimoo")
+"""How :func:`maskgit_commit_counts` turns the cosine schedule into per-step counts (``sampler.count_rule``)."""
 
-    After step k, keep_n = floor(N·γ((k+1)/T)) stay masked, clipped to [1, masked−1] so every step commits at least
-    one token while any are left, and 0 after the last step. Sums to N.
+
+def mmada_keep_target(num_tokens: int, step: int, num_steps: int) -> int:
+    """floor(N·cos(π/2·r)), r = (k+1)/T, exactly as MMaDA's ``t2i_generate`` evaluates it (released code, fact).
+
+    r is formed in Python (float64) and becomes a 0-d float32 tensor on the CPU; the schedule is
+    ``cos((r·π)·0.5)`` and the product with N is floored, every operation in float32 torch arithmetic. At r = 2/3
+    this gives N/2 − 1 where float64 gives N/2 (N = 16, T = 12, k = 7: 7.9999995 against 8.000000000000002).
+    torch's float32 cos is not correctly rounded (on the CPU it is 1 ulp off float32(math.cos) for many r), so the
+    same torch call is made, not a float64 cos rounded to float32.
+    """
+    ratio = torch.tensor(1.0 * (step + 1) / num_steps, dtype=torch.float32)  # on the CPU, as released
+    fraction = torch.cos(ratio * math.pi * 0.5)
+    return int(torch.floor(num_tokens * fraction).item())
+
+
+def dimoo_keep_target(num_tokens: int, step: int, num_steps: int, device: torch.device | str = "cpu") -> int:
+    """max(1, floor(N·cos(π/2·r))), r = (k+1)/T, exactly as Lumina-DiMOO's ``generate_image`` evaluates it (fact).
+
+    r is formed in Python (float64) and becomes a 1-element float32 tensor on the model's ``device``; the schedule
+    is ``cos((0.5·π)·r)`` with 0.5·π folded in float64 first; N is cast to float32 and the product floored and
+    clamped to >= 1, all float32. It is evaluated on ``device`` as released, since float32 cos kernels need not agree
+    in the last bit across devices.
+    """
+    ratio = torch.tensor([(step + 1) / num_steps], dtype=torch.float32, device=device)
+    fraction = torch.cos(0.5 * math.pi * ratio)
+    masked_start = torch.tensor([num_tokens], dtype=torch.float32, device=device)
+    return int((masked_start * fraction).floor().clamp_min(1).item())
+
+
+def maskgit_commit_counts(
+    num_tokens: int,
+    num_steps: int,
+    schedule: str = "cosine",
+    rule: str = "float64",
+    device: torch.device | str = "cpu",
+) -> list[int]:
+    """Tokens committed at each MaskGIT step; sums to N. M_k = tokens still masked before step k (M_0 = N).
+
+    ``rule``:
+
+    - ``float64``: keep_k = floor(N·γ((k+1)/T)) in float64 (math.cos), clipped to [1, M_k − 1]; 0 at the last
+      step. ``sampler=maskgit``'s documented behaviour; ``schedule`` may be ``cosine`` or ``linear``.
+    - ``mmada``: MMaDA's ``t2i_generate``: keep_k = max(1, min(:func:`mmada_keep_target`, M_k − 1)), so one lone
+      masked token waits (count 0) until the last step, which commits everything (the released code returns the
+      step's samples at every position).
+    - ``dimoo``: Lumina-DiMOO's ``generate_image``: keep_k = min(:func:`dimoo_keep_target`, M_k − 1), 0 at the last
+      step. The clamp to M_k − 1 comes from its ``mask_by_random_topk`` (cut-off index clamped to L − 1 over the L
+      masked positions), which commits a lone masked token at once (keep 0); the loop then ends, and later steps
+      commit 0. ``device``: where DiMOO's cosine is evaluated (the model's device).
+
+    ``mmada``/``dimoo`` need ``schedule="cosine"`` (the released t2i defaults).
     """
     if num_steps < 1:
         raise ValueError("num_steps must be >= 1")
+    if rule not in COUNT_RULES:
+        raise ValueError(f"unknown count rule {rule!r}; expected one of {COUNT_RULES}")
+    if rule != "float64" and schedule != "cosine":
+        raise ValueError(f"count rule {rule!r} follows the released cosine schedule; got schedule {schedule!r}")
     masked, counts = num_tokens, []
     for k in range(num_steps):
-        if k == num_steps - 1:
+        if masked == 0:  # DiMOO's loop has ended (it breaks once nothing is masked)
             keep = 0
-        else:
+        elif k == num_steps - 1:
+            keep = 0
+        elif rule == "float64":
             keep = math.floor(num_tokens * masked_fraction((k + 1) / num_steps, schedule))
             keep = max(1, min(keep, masked - 1))
+        elif rule == "mmada":
+            keep = max(1, min(mmada_keep_target(num_tokens, k, num_steps), masked - 1))
+        else:  # dimoo: the >= 1 clamp comes first, then the cut-off clamp to L - 1 (may reach 0)
+            keep = min(dimoo_keep_target(num_tokens, k, num_steps, device), masked - 1)
         counts.append(masked - keep)
         masked = keep
     return counts
@@ -175,21 +236,25 @@ def maskgit_sample(
     *,
     noise_anneal: str = "linear",
     choice_temperature: float | None = None,
+    count_rule: str = "float64",
     full_vocab: bool = False,
 ) -> SampledImageTokens:
     """MaskGIT confidence-ordered sampling.
 
     Step k = 0..T−1: sample a code at every masked position (Gumbel-max at ``temperature``); keep_n positions
-    (:func:`maskgit_commit_counts`) stay masked: those with the lowest ``log p(sampled) + τ_k·Gumbel``; the other
-    masked positions are committed. ``noise_anneal`` sets τ_k: ``"linear"`` τ·(1−(k+1)/T) (MaskGIT), ``"compound"``
-    the product of those factors (MMaDA's in-place quirk), ``"none"`` τ (Lumina-DiMOO). τ is ``choice_temperature``
-    when given (MaskGIT's own default is 4.5), else ``temperature`` (MMaDA and DiMOO use one temperature for both).
+    (:func:`maskgit_commit_counts` under ``count_rule``: ``float64``, or the released ``mmada`` / ``dimoo``
+    arithmetic and last-token rule) stay masked: those with the lowest ``log p(sampled) + τ_k·Gumbel``; the other
+    masked positions are committed. A step that commits nothing (a lone token waiting for the last step under
+    ``float64``/``mmada``; the steps after DiMOO's loop ended) runs no forward and draws no noise. ``noise_anneal``
+    sets τ_k: ``"linear"`` τ·(1−(k+1)/T) (MaskGIT), ``"compound"`` the product of those factors (MMaDA's in-place
+    quirk), ``"none"`` τ (Lumina-DiMOO). τ is ``choice_temperature`` when given (MaskGIT's own default is 4.5), else
+    ``temperature`` (MMaDA and DiMOO use one temperature for both).
     ``full_vocab`` (policies only) computes full-vocabulary logits at all positions: a reference path for benchmarks.
     """
     fn, canvas = _resolve(policy, prompt, full_vocab)
     B, N = canvas.shape
     out = _empty_record(canvas, num_steps)
-    counts = maskgit_commit_counts(N, num_steps, schedule)
+    counts = maskgit_commit_counts(N, num_steps, schedule, count_rule, device=canvas.device)
     base_tau = float(temperature if choice_temperature is None else choice_temperature)
     masked_left, tau = N, base_tau
     for k in range(num_steps):

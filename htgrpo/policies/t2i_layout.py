@@ -1,7 +1,7 @@
 """Text-to-image token sequences: where the prompt, the special tokens and the image codes sit.
 
-Two layouts share one interface (``build``, ``image_positions``, ``image_columns``, ``mask``, ``codebook_size``,
-``num_image_tokens``, ``max_text_len``, ``seq_len``, ``save_pretrained``):
+Two layouts share one interface (``build``, ``image_positions``, ``image_positions_in``, ``image_columns``, ``mask``,
+``codebook_size``, ``num_image_tokens``, ``max_text_len``, ``seq_len``, ``save_pretrained``):
 
 :class:`T2ISequenceLayout` — MMaDA's (reference/htgrpo_mmada_dimoo.md §3.4, §3.6), also used by the toy policy:
 
@@ -131,6 +131,10 @@ class T2ISequenceLayout:
         start = self.prefix_len + 1
         return slice(start, start + self.num_image_tokens)
 
+    def image_positions_in(self, seq_len: int) -> slice:
+        """Image positions of a built sequence of ``seq_len`` tokens: :attr:`image_positions` (fixed width)."""
+        return self.image_positions
+
     @property
     def image_columns(self) -> slice:
         """LM-head columns of the image codes."""
@@ -215,12 +219,14 @@ class T2ISequenceLayout:
 class DimooSequenceLayout:
     """Lumina-DiMOO's text-to-image sequence (reference §5.3–§5.5).
 
-    ``max_text_len`` counts the tokens of the *templated* prompt (system + user template around the prompt): the
-    prefix is exactly max_text_len long (left-padded), then ``<answer> <Image>``, the rows × (cols + 1) image part
-    (each row of codes followed by the newline token) and ``</Image> </answer>``. ``uncond_ids`` is the tokenised
-    ``<uncondition>`` prompt; a prompt whose text mask is all zero (``PromptTokens.dropped``) is replaced by it, so
-    CFG's unconditional sequence is ``tok(uncond) + <answer> <Image> + the same canvas`` as in the released
-    ``generate_image``.
+    The prompt part is the *templated* prompt (system + user template around the prompt), left-padded, then
+    ``<answer> <Image>``, the rows × (cols + 1) image part (each row of codes followed by the newline token) and
+    ``</Image> </answer>``. ``max_text_len``: ``None`` (the released behaviour) never truncates: a batch's prompt
+    part is as long as its longest prompt, so positions depend on the batch (:meth:`image_positions_in`); an int
+    fixes the prompt part at that many tokens (prompts are cut to it by the text tokenizer, keeping ``</user>``).
+    ``uncond_ids`` is the tokenised ``<uncondition>`` prompt; a prompt whose text mask is all zero
+    (``PromptTokens.dropped``) is replaced by it, so CFG's unconditional sequence is ``tok(uncond) + <answer> <Image>
+    + the same canvas`` as in the released ``generate_image``.
 
     ``padding_mask``: the released code samples one prompt at a time and passes no padding mask; batching here
     left-pads prompts of different lengths. ``True`` (default) masks the pads, which reproduces the released
@@ -239,12 +245,12 @@ class DimooSequenceLayout:
     codebook_size: int
     rows: int
     cols: int
-    max_text_len: int
+    max_text_len: int | None
     uncond_ids: tuple[int, ...]
     padding_mask: bool = True
 
     def __post_init__(self) -> None:
-        if len(self.uncond_ids) > self.max_text_len:
+        if self.max_text_len is not None and len(self.uncond_ids) > self.max_text_len:
             raise ValueError(f"the unconditional prompt has {len(self.uncond_ids)} tokens, more than max_text_len "
                              f"({self.max_text_len})")
         if self.rows < 1 or self.cols < 1:
@@ -260,13 +266,25 @@ class DimooSequenceLayout:
         return self.rows, self.cols
 
     @property
+    def suffix_len(self) -> int:
+        """Tokens after the prompt part: ``<answer> <Image>``, rows × (cols + 1), ``</Image> </answer>``."""
+        return 2 + self.rows * (self.cols + 1) + 2
+
+    def _fixed_prompt_len(self) -> int:
+        if self.max_text_len is None:
+            raise ValueError("this DiMOO layout has no fixed prompt length (max_text_len = None: a batch's prompt part "
+                             "is as long as its longest prompt); use image_positions_in(seq_len) on a built sequence")
+        return self.max_text_len
+
+    @property
     def code_start(self) -> int:
-        """Position of the first image code (the released code's ``code_start``)."""
-        return self.max_text_len + 2
+        """Position of the first image code (the released code's ``code_start``) with a fixed ``max_text_len``."""
+        return self._fixed_prompt_len() + 2
 
     @property
     def seq_len(self) -> int:
-        return self.code_start + self.rows * (self.cols + 1) + 2
+        """Sequence length with a fixed ``max_text_len``."""
+        return self._fixed_prompt_len() + self.suffix_len
 
     @property
     def vocab_size(self) -> int:
@@ -275,10 +293,16 @@ class DimooSequenceLayout:
 
     @property
     def image_positions(self) -> torch.Tensor:
-        """(N,) sequence positions of the image codes, row-major (newline positions skipped)."""
+        """(N,) sequence positions of the image codes with a fixed ``max_text_len`` (see :meth:`image_positions_in`)."""
+        return self.image_positions_in(self.seq_len)
+
+    def image_positions_in(self, seq_len: int) -> torch.Tensor:
+        """(N,) positions of the image codes, row-major (newlines skipped), in a built sequence of ``seq_len``
+        tokens: code_start = seq_len − suffix_len + 2 (the released ``len(prompt tokens) + 2``)."""
+        code_start = int(seq_len) - self.suffix_len + 2
         r = torch.arange(self.rows)[:, None]
         c = torch.arange(self.cols)[None, :]
-        return (self.code_start + r * (self.cols + 1) + c).reshape(-1)
+        return (code_start + r * (self.cols + 1) + c).reshape(-1)
 
     @property
     def image_columns(self) -> slice:
@@ -291,7 +315,8 @@ class DimooSequenceLayout:
     # -- building sequences -------------------------------------------------------------------------------------
     def prefix(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Templated prompt tokens (B, L) (valid where text_mask = 1) -> left-padded (B, max_text_len) and mask.
+        """Templated prompt tokens (B, L) (valid where text_mask = 1) -> left-padded (B, P) and mask: P =
+        ``max_text_len``, or with ``max_text_len = None`` the longest row (one prompt: no padding, as released).
         Rows with no valid token become the unconditional prompt."""
         if text_mask is None:
             text_mask = torch.ones_like(text_ids)
@@ -300,10 +325,11 @@ class DimooSequenceLayout:
         rows = []
         for b in range(text_ids.shape[0]):
             row = text_ids[b][keep[b]] if bool(keep[b].any()) else uncond
-            if row.numel() > self.max_text_len:
+            if self.max_text_len is not None and row.numel() > self.max_text_len:
                 raise ValueError(f"prompt has {row.numel()} tokens, more than max_text_len ({self.max_text_len})")
             rows.append(row)
-        return left_pad(rows, self.max_text_len, self.pad, text_ids)
+        width = self.max_text_len if self.max_text_len is not None else max(row.numel() for row in rows)
+        return left_pad(rows, width, self.pad, text_ids)
 
     def image_part(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """(B, N) codes (-1 = masked) -> (B, rows·(cols+1)) ids: each row of codes followed by the newline."""
@@ -330,7 +356,8 @@ class DimooSequenceLayout:
         return ids, mask
 
     def uncond_text(self, batch: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.full((batch, self.max_text_len), self.pad, dtype=torch.long, device=device)
+        width = self.max_text_len if self.max_text_len is not None else len(self.uncond_ids)
+        ids = torch.full((batch, width), self.pad, dtype=torch.long, device=device)
         return ids, torch.zeros_like(ids)
 
     # -- persistence --------------------------------------------------------------------------------------------

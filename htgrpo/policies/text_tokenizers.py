@@ -11,15 +11,31 @@ sequence layouts and the policy do not care which one they hold:
   released code calls it). MMaDA's layout writes <bos>/<eos> itself, so it tokenises without them.
 - ``keep_tail``: token ids kept at the end when a text is truncated (DiMOO keeps ``</user>`` so the template stays
   closed).
+- ``max_length=None`` pads to the batch's longest text and cuts nothing (Lumina-DiMOO as released); a text cut to an
+  int ``max_length`` is logged once (warning) with its id (:func:`report_cut_prompt`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
+
+
+def report_cut_prompt(reported: set[str], key: str | None, text: str, num_tokens: int, max_length: int) -> None:
+    """Warn, once per prompt (``key``, else the text itself), that a prompt of ``num_tokens`` was cut to
+    ``max_length`` tokens; ``reported`` holds the prompts already named."""
+    name = key if key is not None else repr(text if len(text) <= 80 else text[:77] + "...")
+    if name in reported:
+        return
+    reported.add(name)
+    log.warning("prompt %s has %d tokens, more than the cap of %d (policy.max_text_len): it is cut to %d tokens "
+                "(logged once per prompt)", name, num_tokens, max_length, max_length)
 
 
 class TokenizerNotFoundError(FileNotFoundError):
@@ -53,6 +69,7 @@ class HFTextTokenizer:
         self.template = template
         self.add_special_tokens = bool(add_special_tokens)
         self.keep_tail = [int(i) for i in keep_tail]
+        self.reported_cuts: set[str] = set()  # prompts already logged as cut (each is named once)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, padding_side: str = "left",
@@ -97,19 +114,28 @@ class HFTextTokenizer:
         """Ids of one text after the template, as the checkpoint's tokenizer gives them (no padding)."""
         return list(self.tokenizer(self.apply_template(text), add_special_tokens=self.add_special_tokens)["input_ids"])
 
-    def encode(self, texts: str | Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Texts -> (ids, attention_mask), both (B, max_length) long, LEFT-padded with the pad id (mask 0 there).
+    def encode(self, texts: str | Sequence[str], max_length: int | None,
+               keys: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> (ids, attention_mask), both (B, L) long, LEFT-padded with the pad id (mask 0 there).
 
-        Longer texts keep their start, plus ``keep_tail`` at the end (the template's closing tokens).
+        L = ``max_length``; longer texts keep their start, plus ``keep_tail`` at the end (the template's closing
+        tokens), and each cut text is logged once, named by its entry in ``keys`` (the prompts' ids) when given.
+        ``max_length=None``: L = the longest text of the batch, nothing is cut.
         """
         if isinstance(texts, str):
             texts = [texts]
+        if keys is not None and len(keys) != len(texts):
+            raise ValueError(f"got {len(keys)} prompt keys for {len(texts)} texts")
+        rows = [self.token_ids(text) for text in texts]
+        if max_length is None:
+            max_length = max((len(toks) for toks in rows), default=0)
         pad = self.pad_token_id if self.pad_token_id is not None else 0
         ids = torch.full((len(texts), max_length), int(pad), dtype=torch.long)
         mask = torch.zeros((len(texts), max_length), dtype=torch.long)
-        for row, text in enumerate(texts):
-            toks = self.token_ids(text)
+        for row, (text, toks) in enumerate(zip(texts, rows)):
             if len(toks) > max_length:
+                report_cut_prompt(self.reported_cuts, None if keys is None else str(keys[row]), text, len(toks),
+                                  max_length)
                 tail = self.keep_tail if toks[-len(self.keep_tail):] == self.keep_tail and self.keep_tail else []
                 toks = toks[: max_length - len(tail)] + tail
             if toks:
@@ -128,7 +154,10 @@ class HFTextTokenizer:
         return {"template": self.template, "add_special_tokens": self.add_special_tokens, "keep_tail": self.keep_tail}
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        self.tokenizer.save_pretrained(str(directory))
+        """The tokenizer's files, readable by transformers 4.45/4.46 too (see ``folder_compat``)."""
+        from htgrpo.policies.folder_compat import save_tokenizer
+
+        save_tokenizer(self.tokenizer, directory)
 
     def __repr__(self) -> str:
         name = type(self.tokenizer).__name__

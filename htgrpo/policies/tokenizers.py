@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from htgrpo.data.shapes.palette import PALETTE_NAMES, PALETTE_RGB, SHAPES
+from htgrpo.policies.text_tokenizers import report_cut_prompt
 
 IMAGE_TOKENIZER_FILE = "image_tokenizer.json"
 TEXT_TOKENIZER_FILE = "text_tokenizer.json"
@@ -133,6 +134,7 @@ class WordTextTokenizer:
                     tokens.append(w)
         self.tokens: list[str] = tokens
         self.index: dict[str, int] = {w: i for i, w in enumerate(tokens)}
+        self.reported_cuts: set[str] = set()  # prompts already logged as cut (each is named once)
 
     pad_token_id = 0
     unk_token_id = 1
@@ -150,12 +152,14 @@ class WordTextTokenizer:
         return [self.index.get(w, self.unk_token_id) for w in split_words(text)]
 
     def encode(
-        self, texts: str | Sequence[str], max_length: int, add_special_tokens: bool = False
+        self, texts: str | Sequence[str], max_length: int, add_special_tokens: bool = False,
+        keys: Sequence[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts -> (ids (B, max_length) long, attention_mask (B, max_length) long), LEFT-padded with <pad>.
 
-        Texts longer than ``max_length`` keep their start. ``add_special_tokens`` wraps each text in <bos> … <eos>
-        (inside max_length, <eos> kept on truncation). The T2I layout adds its own specials, so the default is off.
+        Texts longer than ``max_length`` keep their start; each cut text is logged once, named by its entry in
+        ``keys`` (the prompts' ids) when given. ``add_special_tokens`` wraps each text in <bos> … <eos> (inside
+        max_length, <eos> kept on truncation). The T2I layout adds its own specials, so the default is off.
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -165,6 +169,9 @@ class WordTextTokenizer:
         mask = torch.zeros((len(texts), max_length), dtype=torch.long)
         for row, text in enumerate(texts):
             toks = self.tokenize(text)
+            if len(toks) > max_length - (2 if add_special_tokens else 0):
+                report_cut_prompt(self.reported_cuts, None if keys is None else str(keys[row]), text, len(toks),
+                                  max_length)
             if add_special_tokens:
                 toks = [self.bos_token_id, *toks[: max_length - 2], self.eos_token_id]
             else:

@@ -84,6 +84,11 @@ class RewardOutput:
         return RewardOutput(scores, comps, sum(o.num_failed for o in outputs))
 
 
+class RewardUnavailableError(RuntimeError):
+    """No finite reward for ``max_failed_batches`` consecutive rollout batches: the run stops (``htgrpo.fit`` saves a
+    checkpoint first and exits with this message)."""
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto`` -> cuda if available else cpu; anything else as torch reads it."""
     if device in (None, "auto"):
@@ -104,6 +109,13 @@ class Reward(abc.ABC):
 
     #: short name (the ``conf/reward/<name>.yaml`` file); used in logs and by the reward server.
     name: str = "reward"
+    #: True for rewards that mostly wait on another process or machine (``remote``, ``vlm_judge``): with
+    #: ``algorithm.overlap_scoring: auto`` their scoring of rollout chunk i runs while chunk i+1 samples.
+    io_bound: bool = False
+    #: consecutive rollout batches with no finite reward after which the RL modules stop the run (an error and a
+    #: checkpoint, :class:`RewardUnavailableError`); 0 = never. A batch with no finite reward is never trained on,
+    #: whatever this is (``GRPOModule.skip_unscored_batch``). ``reward=remote`` sets it from ``max_failed_batches``.
+    max_failed_batches: int = 0
 
     def __init__(self, device: str | torch.device | None = "cpu", dtype: str = "float32") -> None:
         from htgrpo.config import require_choice
@@ -120,6 +132,11 @@ class Reward(abc.ABC):
     @abc.abstractmethod
     def score(self, images: Tensor, records: Sequence[Any]) -> RewardOutput:
         """Score ``images`` (uint8 ``(B, 3, H, W)``) against ``records`` (length B; the prompts' metadata)."""
+
+    def check_ready(self) -> None:
+        """Called by ``htgrpo.fit`` before validation and training. A reward that depends on something outside this
+        process (a server) checks it here and raises :class:`~htgrpo.config.ConfigError` naming the key to fix, so
+        a wrong URL or token stops the run at start-up. Rewards computed in-process have nothing to check."""
 
     def __call__(self, images: Tensor, records: Sequence[Any]) -> Tensor:
         """Just the ``(B,)`` float32 scores (the plain-callable reward contract)."""

@@ -6,7 +6,7 @@ rule-based detector and a real Mask2Former + CLIP pipeline. Each rule is a small
 * ``filter_detections``: per class keep ``score > 0.3`` (``> 0.9`` on counting prompts), compared in float32
   like the official numpy code; best first with ties resolved as the official ``argsort(...)[::-1]`` does (the
   LATER detection first); at most 16 per class; then the official same-class NMS (``max_overlap``).
-* ``relative_position``: GenEval's position rule with its 0.1 margin.
+* ``relative_position``: GenEval's position rule with its 0.1 margin, in float32 as the official numpy code.
 * ``evaluate_geneval``: include requirements AND-ed (at-least-N count, colour of the top-N, position vs an
   earlier matched group), exclude requirements (fail at ``>= count``); plus a dense partial-credit score.
 * ``summarize_geneval``: per-task mean, overall = unweighted mean of the task means.
@@ -14,14 +14,12 @@ rule-based detector and a real Mask2Former + CLIP pipeline. Each rule is a small
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
+from htgrpo.data.detection import Detection
 from htgrpo.data.records import GENEVAL_COLORS, GENEVAL_RELATIONS, GenEvalRecord, GenEvalRequirement, MetadataError
-from htgrpo.rewards.detection import Detection
 
 
 @dataclass(frozen=True)
@@ -122,31 +120,37 @@ def filter_detections(
 
 
 def relative_position(a: Detection, b: Detection, margin: float = 0.1) -> set[str]:
-    """GenEval's relations of ``a`` relative to ``b`` (image y grows downward).
+    """GenEval's relations of ``a`` relative to ``b`` (image y grows downward), in float32 like the official code.
 
     Rule: ``offset = centre(a) - centre(b)``; per axis shrink ``|offset|`` by ``margin * (size_a + size_b)``
     on that axis (widths for x, heights for y), clamp at 0 and keep the sign. If both revised components are
     ~0 (< 1e-3) no relation holds. Otherwise divide the revised offset by the *raw* centre distance
     ``(dx, dy)``: ``left of`` if ``dx < -0.5``, ``right of`` if ``dx > 0.5``, ``above`` if ``dy < -0.5``,
     ``below`` if ``dy > 0.5``. Several can hold at once (diagonals).
+
+    Arithmetic: the official numpy code works on the detector's float32 boxes, so every step here is float32 too:
+    centre = (x1 + x2) / 2, size = |x2 - x1|, the margin and the 1e-3 cut rounded to float32, the distance as
+    ``np.linalg.norm``. Boxes with non-integer corners that sit exactly on a margin get the official verdict
+    (float64 arithmetic flips some of them).
     """
-    (ax, ay), (bx, by) = a.center, b.center
-    (aw, ah), (bw, bh) = a.size, b.size
-    off = (ax - bx, ay - by)
-    dims = (abs(aw) + abs(bw), abs(ah) + abs(bh))
-    revised = [math.copysign(max(abs(o) - margin * d, 0.0), o) for o, d in zip(off, dims)]
-    if all(abs(r) < 1e-3 for r in revised):
+    f32 = np.float32
+    corners = np.asarray([a.box, b.box], dtype=f32).reshape(2, 2, 2)  # box, (top-left | bottom-right), (x | y)
+    centre = (corners[:, 0] + corners[:, 1]) / f32(2)                 # (2 boxes, x|y)
+    size = np.abs(corners[:, 1] - corners[:, 0])
+    offset = centre[0] - centre[1]
+    shrink = f32(margin) * (size[0] + size[1])
+    revised = np.maximum(np.abs(offset) - shrink, f32(0)) * np.sign(offset)
+    if bool(np.all(np.abs(revised) < f32(1e-3))):
         return set()
-    norm = math.hypot(*off)
-    dx, dy = revised[0] / norm, revised[1] / norm
+    dx, dy = revised / np.linalg.norm(offset)
     rels: set[str] = set()
-    if dx < -0.5:
+    if dx < f32(-0.5):
         rels.add("left of")
-    if dx > 0.5:
+    if dx > f32(0.5):
         rels.add("right of")
-    if dy < -0.5:
+    if dy < f32(-0.5):
         rels.add("above")
-    if dy > 0.5:
+    if dy > f32(0.5):
         rels.add("below")
     return rels
 

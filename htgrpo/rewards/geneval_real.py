@@ -14,7 +14,10 @@ This follows djghosh13/geneval ``evaluation/evaluate_images.py`` step by step:
 3. **Colour.** CLIP ViT-L/14 zero-shot over GenEval's ten colours with its three templates
    (``"a photo of a {c} {cls}"``, ``"a photo of a {c}-colored {cls}"``, ``"a photo of a {c} object"``), classifier
    built as clip_benchmark does (per colour: mean of the L2-normalised template embeddings, re-normalised). The
-   image is each object's mask composited on a grey ``#999`` background, then cropped to its box.
+   image is each object's mask composited on a grey ``#999`` background, then cropped to its box, then open_clip's
+   eval transform (torchvision: bicubic resize of the shorter side, centre crop with torchvision's rounding,
+   ``ToTensor``, normalise; :func:`clip_eval_pixels`), not the Hugging Face processor's own resize/crop, which
+   places the crop one pixel off for some box shapes.
 4. **Rules.** ``evaluate_geneval`` (official include/exclude/colour/position rules) + partial credit.
 
 The official numbers use mmdet weights and open_clip's OpenAI ViT-L-14; ours are the transformers ports of the same
@@ -33,10 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from htgrpo.config import ConfigError, require, require_range
+from htgrpo.data.detection import Detection
 from htgrpo.data.records import GENEVAL_COLORS, GenEvalRecord, MetadataError
 from htgrpo.rewards._hf import load_pretrained
 from htgrpo.rewards.base import DTYPES, Reward, RewardOutput, check_images, freeze, resolve_device
-from htgrpo.rewards.detection import Detection
 from htgrpo.rewards.geneval import GenEvalThresholds, evaluate_geneval, filter_detections
 
 DEFAULT_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
@@ -259,16 +262,37 @@ class ClipColorClassifier:
         return crops
 
     @torch.no_grad()
+    def color_logits(self, image: np.ndarray, boxes: Sequence[Sequence[float]], masks: Sequence[np.ndarray | None],
+                     classname: str) -> torch.Tensor:
+        """(objects, 10) zero-shot logits ``100 · normalize(image_emb) @ classifier(classname)`` (clip_benchmark's
+        ``run_classification``), columns in ``GENEVAL_COLORS`` order."""
+        crops = self.object_images(image, boxes, masks)
+        ip = self.processor.image_processor
+        size = ip.crop_size["height"] if ip.do_center_crop else ip.size["shortest_edge"]
+        pixels = clip_eval_pixels(crops, int(size), ip.image_mean, ip.image_std)
+        emb = self._features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))).float()
+        return 100.0 * F.normalize(emb, dim=-1) @ self.classifier(classname)
+
     def classify(self, image: np.ndarray, boxes: Sequence[Sequence[float]], masks: Sequence[np.ndarray | None],
                  classname: str) -> list[str]:
-        """Predicted colour name per object (argmax of ``normalize(image_emb) @ classifier(classname)``)."""
+        """Predicted colour name per object (argmax of :meth:`color_logits`)."""
         if not len(boxes):
             return []
-        crops = self.object_images(image, boxes, masks)
-        pixels = self.processor.image_processor(images=crops, return_tensors="pt")["pixel_values"]
-        emb = self._features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))).float()
-        logits = 100.0 * F.normalize(emb, dim=-1) @ self.classifier(classname)
-        return [GENEVAL_COLORS[int(i)] for i in logits.argmax(1)]
+        return [GENEVAL_COLORS[int(i)] for i in self.color_logits(image, boxes, masks, classname).argmax(1)]
+
+
+def clip_eval_pixels(images: Sequence[Any], size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """open_clip's eval transform (``image_transform(size, is_train=False)``, what GenEval's colour step runs) on PIL
+    images -> (N, 3, size, size): shorter side resized to ``size`` (bicubic, antialiased), centre crop to
+    ``size x size`` (torchvision's offsets: ``round((H - size) / 2)``), RGB in [0, 1], then ``(x - mean) / std``."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    out = []
+    for im in images:
+        im = TF.resize(im.convert("RGB"), size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        out.append(TF.normalize(TF.to_tensor(TF.center_crop(im, [size, size])), list(mean), list(std)))
+    return torch.stack(out)
 
 
 class GenEvalDetectorScorer:

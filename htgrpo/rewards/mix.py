@@ -78,6 +78,11 @@ class MixReward(Reward):
         total[failed] = math.nan
         return RewardOutput(total, components, num_failed=int(failed.sum()))
 
+    @property
+    def io_bound(self) -> bool:  # type: ignore[override]
+        """A mix waits on another process when any of its parts does (``remote``, ``vlm_judge``)."""
+        return any(bool(getattr(part, "io_bound", False)) for part in self.parts.values())
+
     def follow(self, device: str | torch.device) -> "MixReward":
         """Each part follows ``device`` by its own setting (see :meth:`Reward.follow`)."""
         for part in self.parts.values():

@@ -15,13 +15,12 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from htgrpo.data.records import DPGItem, DPGProposition, GenEvalRecord, MetadataError
+from htgrpo.data.detection import Detection
+from htgrpo.data.records import DPGItem, DPGProposition, GenEvalRecord, MetadataError, parse_tuple
 from htgrpo.data.shapes.detector import ShapesDetector, to_chw_numpy
 from htgrpo.data.shapes.palette import ShapesWorldConfig
-from htgrpo.data.shapes.prompts import parse_tuple
 from htgrpo.data.shapes.scene import image_to_cells
 from htgrpo.rewards.base import Reward, RewardOutput
-from htgrpo.rewards.detection import Detection
 from htgrpo.rewards.dpg import DPGItemResult, score_dpg_answers
 from htgrpo.rewards.geneval import GenEvalImageResult, GenEvalThresholds, evaluate_geneval, relative_position
 
@@ -49,10 +48,17 @@ class ShapesGenEvalScorer:
 
     def score(self, images: Any, records: Sequence[GenEvalRecord]) -> list[GenEvalImageResult]:
         """One verdict per image; ``images`` is ``uint8`` ``(B, 3, H, W)`` and ``records`` has length B."""
+        return self.score_with_detections(images, records)[0]
+
+    def score_with_detections(
+        self, images: Any, records: Sequence[GenEvalRecord]
+    ) -> tuple[list[GenEvalImageResult], list[list[Detection]]]:
+        """``score`` plus the detector's raw detections per image, so validation metrics beside GenEval
+        (``htgrpo.evaluation.diversity``) reuse them instead of detecting every image twice."""
         dets = self.detector.detect_batch(images)
         if len(dets) != len(records):
             raise ValueError(f"got {len(dets)} images but {len(records)} records")
-        return [evaluate_geneval(d, r, self.thresholds) for d, r in zip(dets, records)]
+        return [evaluate_geneval(d, r, self.thresholds) for d, r in zip(dets, records)], dets
 
 
 def geneval_binary_reward(results: Sequence[GenEvalImageResult]) -> list[float]:

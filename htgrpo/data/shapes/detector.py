@@ -23,9 +23,9 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
+from htgrpo.data.detection import Detection
 from htgrpo.data.shapes.palette import PALETTE_NAMES, ShapesWorldConfig
 from htgrpo.data.shapes.scene import image_to_cells, shape_template
-from htgrpo.rewards.detection import Detection
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 

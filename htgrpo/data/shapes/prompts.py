@@ -31,8 +31,10 @@ from htgrpo.data.records import (
     GenEvalRecord,
     GenEvalRequirement,
     MetadataError,
+    format_tuple,
 )
 from htgrpo.data.shapes.palette import SHAPES, ShapesWorldConfig
+from htgrpo.data.shapes.sampler import ObjectSpec, PlacementError, RelationSpec, allowed_sizes, place_objects
 
 NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
 """Number words used in prompts (GenEval's counting task uses 2..4)."""
@@ -198,24 +200,6 @@ def geneval_prompt_set(
 # ------------------------------------------------------------------------------------------------- DPG
 
 
-def format_tuple(broad: str, detailed: str, args: Sequence[str]) -> str:
-    """DSG tuple string ``"<broad> - <detailed> (<args>)"`` (``"global - (args)"`` when detailed is empty)."""
-    head = f"{broad} - {detailed}" if detailed else f"{broad} -"
-    return f"{head} ({', '.join(args)})"
-
-
-_TUPLE_RE = re.compile(r"^\s*([^-(]+?)\s*-\s*([^(]*?)\s*\((.*)\)\s*$")
-
-
-def parse_tuple(text: str) -> tuple[str, str, list[str]]:
-    """Inverse of ``format_tuple``: ``(broad, detailed, args)``; raises ``MetadataError`` if malformed."""
-    m = _TUPLE_RE.match(text)
-    if m is None:
-        raise MetadataError(f"malformed proposition tuple {text!r}; expected '<broad> - <detailed> (args, ...)'")
-    args = [a.strip() for a in m.group(3).split(",")] if m.group(3).strip() else []
-    return m.group(1).strip(), m.group(2).strip(), args
-
-
 def _noun(shape: str, count: int) -> str:
     return plural(shape) if count > 1 else shape
 
@@ -293,8 +277,6 @@ def _sample_dpg_relations(
     sampler finds a layout meeting all of them for every object pair (with its safety margin); None when
     ``tries`` draws all fail (e.g. too many or too large objects for the grid).
     """
-    from htgrpo.data.shapes.sampler import ObjectSpec, PlacementError, RelationSpec, allowed_sizes, place_objects
-
     pairs = [(i, int(rng.integers(0, i))) for i in range(1, len(groups))]
     if len(groups) == 3 and rng.random() < 0.5:
         pairs.append((2, 1) if pairs[1][1] == 0 else (2, 0))

@@ -21,7 +21,14 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from htgrpo.data.records import GENEVAL_COLORS, GENEVAL_RELATIONS, DPGItem, GenEvalRecord, MetadataError
+from htgrpo.data.records import (
+    GENEVAL_COLORS,
+    GENEVAL_RELATIONS,
+    DPGItem,
+    GenEvalRecord,
+    MetadataError,
+    parse_tuple,
+)
 from htgrpo.data.shapes.palette import ShapesWorldConfig
 from htgrpo.data.shapes.scene import Scene, ShapeObject
 
@@ -272,8 +279,6 @@ def dpg_groups(item: DPGItem) -> tuple[list[dict], list[tuple[str, str, str]]]:
     None when unspecified, ``count`` 1 by default) in entity order; relations are ``(subject shape,
     target shape, relation)``.
     """
-    from htgrpo.data.shapes.prompts import parse_tuple
-
     groups: dict[str, dict] = {}
     relations: list[tuple[str, str, str]] = []
     for prop in item.propositions:

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from htgrpo.config import ConfigError, require, require_choice
+from htgrpo.policies.folder_compat import save_tokenizer, v4_config_keys
 from htgrpo.policies.mar.backbone import MAR, POS_EMBED_INTERPOLATIONS, TextCondition, patchify, unpatchify
 from htgrpo.policies.mar.checkpoints import build_mar_from_state_dict, config_hints_from_lth14_args
 from htgrpo.policies.mar.diffusion import GaussianDiffusion, create_diffusion
@@ -353,11 +354,14 @@ class HarmonPolicy(WrapsMAR, nn.Module):
             mar.update(encoder_embed_dim=c.encoder_embed_dim, encoder_depth=c.encoder_depth,
                        encoder_num_heads=c.encoder_num_heads, decoder_embed_dim=c.decoder_embed_dim,
                        decoder_depth=c.decoder_depth, decoder_num_heads=c.decoder_num_heads, mlp_ratio=c.mlp_ratio)
-        return {"model_type": "harmon", "architectures": ["HarmonModel"], "llm": self.llm.config.to_dict(),
-                "mar": mar}
+        # The Qwen2 config also carries the transformers 4.x keys (rope_theta, ...): the released Harmon and MAR-GRPO
+        # code runs on 4.45.2, which ignores rope_parameters and would compute RoPE with base 10000.
+        return {"model_type": "harmon", "architectures": ["HarmonModel"],
+                "llm": v4_config_keys(self.llm.config.to_dict()), "mar": mar}
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json, model.safetensors (released key names) and the tokenizer files."""
+        """Write config.json, model.safetensors (released key names) and the tokenizer files, in a form that
+        transformers 4.45 (the released code's pin) and 5 read identically."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -367,7 +371,7 @@ class HarmonPolicy(WrapsMAR, nn.Module):
             state.pop("llm.lm_head.weight", None)     # tied to llm.model.embed_tokens.weight, as transformers saves
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
         (directory / "config.json").write_text(json.dumps(self.harmon_config(), indent=2) + "\n")
-        self.tokenizer.save_pretrained(str(directory))
+        save_tokenizer(self.tokenizer, directory)
 
 
 def _preset_name(config) -> str:

@@ -4,9 +4,9 @@
 key names of ``wusize/Harmon-1_5B`` (config.json with ``model_type: harmon``, ``llm`` and ``mar``;
 model.safetensors with ``vae.*``, ``llm.*``, ``mar.*``, ``proj_in.*``, ``proj_out.*``; tokenizer files), only small:
 
-- LLM: a 2-layer Qwen2 (hidden 32, 4 heads, 2 KV heads) with a byte-level BPE tokenizer trained by ``tokenizers`` on
-  a few sentences (Qwen's special tokens ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``), so ``AutoTokenizer``
-  loads it and the chat template tokenizes losslessly.
+- LLM: a 2-layer Qwen2 (hidden 32, 4 heads, 2 KV heads, RoPE base 1e6 as Qwen2.5) with a byte-level BPE tokenizer
+  trained by ``tokenizers`` on a few sentences (Qwen's special tokens ``<|endoftext|>``, ``<|im_start|>``,
+  ``<|im_end|>``), so ``AutoTokenizer`` loads it and the chat template tokenizes losslessly.
 - MAR: width 32, one encoder and one decoder block, buffer 4, head width 32 / depth 1, weights for a 2×2 grid
   (``img_size`` 16 at VAE stride 8), generating at ``image_size`` 32 px = 4×4 tokens, so the on-the-fly position
   embedding interpolation runs as in the real model (16×16 → 32×32).
@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 TINY_IMAGE_SIZE = 32
+QWEN25_ROPE_THETA = 1_000_000.0
+"""RoPE base of Qwen2.5-1.5B-Instruct (Harmon's LLM); the tiny LLM uses it too, not Qwen2Config's default 10000."""
 _CORPUS = [
     "Generate an image: a photo of a red apple and a blue cup on a wooden table.",
     "Generate an image. a photo of two dogs to the left of a green bench in the park.",
@@ -62,6 +64,7 @@ def build_tiny_harmon(seed: int = 0):
         llm = Qwen2ForCausalLM(Qwen2Config(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": QWEN25_ROPE_THETA},
             bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
         vae = KLAutoencoder(KLVAEConfig(embed_dim=8, ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1,
                                         attn_resolutions=(32,)))
@@ -84,4 +87,4 @@ def write_tiny_harmon(directory: Path) -> str:
     return f"policy=harmon policy.pretrained={directory} policy.image_size={TINY_IMAGE_SIZE}"
 
 
-__all__ = ["TINY_IMAGE_SIZE", "build_tiny_harmon", "build_tiny_tokenizer", "write_tiny_harmon"]
+__all__ = ["QWEN25_ROPE_THETA", "TINY_IMAGE_SIZE", "build_tiny_harmon", "build_tiny_tokenizer", "write_tiny_harmon"]
