@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig
 
 from htgrpo._hydra import config_dir
+from htgrpo.checkpoints import load_policy  # ckpt_path of any kind, or the `policy` node (htgrpo.checkpoints)
 from htgrpo.config import ConfigError, call_checked, instantiate_node
 from htgrpo.data.records import MetadataError
 from htgrpo.evaluation.image_metrics import ImageMetrics, TappedGenerator
@@ -38,56 +39,6 @@ from htgrpo.evaluation.official import write_geneval_results
 from htgrpo.policies.generators import as_image_generator
 
 log = logging.getLogger("htgrpo.evaluate")
-
-
-def load_policy(cfg: DictConfig) -> Any:
-    """The policy to evaluate: ``ckpt_path`` or ``policy``. ``ckpt_path`` is any folder or file fit / export write: a
-    save_pretrained folder, a LoRA adapter folder, a Lightning .ckpt, an FSDP sharded checkpoint folder
-    (``trainer=fsdp``) or a DeepSpeed checkpoint folder (``trainer=deepspeed_zero2/3``); the last three are loaded into
-    the ``policy`` the config builds."""
-    ckpt = cfg.get("ckpt_path")
-    if ckpt in (None, ""):
-        return instantiate_node(cfg, "policy")
-    path = Path(str(ckpt)).expanduser()
-    if not path.exists():
-        raise ConfigError("ckpt_path", f"{path} does not exist (expected a policy folder or a Lightning .ckpt)")
-    if path.is_dir():
-        from htgrpo.policies.masked_diffusion import MaskedDiffusionPolicy
-        from htgrpo.policies.mar.shapes import ShapesMARPolicy, is_mar_policy_folder
-
-        from htgrpo.policies.lora import is_adapter_folder, load_adapter
-
-        if is_adapter_folder(path):  # `htgrpo.export` without merge: peft adapters on the base `policy` builds
-            return load_adapter(instantiate_node(cfg, "policy"), path)
-        from htgrpo.strategies import checkpoint_kind, read_policy_weights
-
-        if checkpoint_kind(path) in ("fsdp_sharded", "deepspeed"):  # trainer=fsdp / deepspeed_* checkpoint folders
-            from htgrpo.policies.lora import load_policy_weights
-
-            policy = instantiate_node(cfg, "policy")
-            load_policy_weights(policy, read_policy_weights(path, policy))
-            return policy
-        if not (path / "config.json").exists():
-            raise ConfigError("ckpt_path", f"{path} is a folder without config.json: not a save_pretrained policy")
-        if is_mar_policy_folder(path):  # written by ShapesMARPolicy.save_pretrained (evaluate it with sampler=mar)
-            return ShapesMARPolicy.from_pretrained(path, config_key="ckpt_path")
-        return MaskedDiffusionPolicy.from_pretrained(path)
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("htgrpo_frozen_weights_stripped"):  # LoRA adapter-only checkpoint: rebuild as the fit run did
-        from htgrpo.export import load_fit_checkpoint
-
-        return load_fit_checkpoint(path, cfg.get("run_config"))
-    policy = instantiate_node(cfg, "policy")
-    if not isinstance(policy, torch.nn.Module):
-        raise ConfigError("policy", "a Lightning .ckpt needs a trainable policy config (e.g. policy=shapes_llada)")
-    weights = {k[len("policy."):]: v for k, v in state.get("state_dict", {}).items() if k.startswith("policy.")}
-    if not weights:
-        raise ConfigError("ckpt_path", f"{path} holds no 'policy.*' weights: not a checkpoint written by htgrpo.fit")
-    try:
-        policy.load_state_dict(weights, strict=True)
-    except RuntimeError as err:
-        raise ConfigError("ckpt_path", f"weights in {path} do not fit the architecture of `policy`: {err}") from None
-    return policy
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

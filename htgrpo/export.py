@@ -3,7 +3,9 @@
 1. Rebuild the policy exactly as the fit run did, from the run's composed config (``RUN/.hydra/config.yaml``, found
    next to ``ckpt_path``, or ``run_config=FILE``): with LoRA this is the base model with fresh adapters.
 2. Load the checkpoint's ``policy.*`` weights into it (a LoRA checkpoint holds only the adapters; the frozen base
-   weights come from the base checkpoint the run was built from).
+   weights come from the base checkpoint the run was built from). ``ckpt_path`` is any checkpoint ``fit`` writes:
+   a Lightning ``.ckpt`` (LoRA or full), an FSDP sharded folder or a DeepSpeed folder; steps 1-2 are
+   ``htgrpo.checkpoints.load_fit_checkpoint``.
 3. Write ``out``:
    - ``merge=false`` (LoRA): peft's adapter folder, ``adapter_config.json`` + ``adapter_model.safetensors``; load it
      with ``PeftModel.from_pretrained(LLaDAModelLM.from_pretrained(BASE), out)``, or evaluate it with
@@ -17,54 +19,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from htgrpo._hydra import config_dir, run_or_exit_on_config_error
-from htgrpo.config import ConfigError, instantiate_node
+from htgrpo.checkpoints import load_fit_checkpoint  # every fit checkpoint kind (htgrpo.checkpoints)
+from htgrpo.config import ConfigError
 
 log = logging.getLogger("htgrpo.export")
-
-
-def find_run_config(ckpt: Path, levels: int = 3) -> Path | None:
-    """``.hydra/config.yaml`` in the checkpoint's folder or one of its ``levels`` parents (fit writes checkpoints to
-    ``RUN/checkpoints/``)."""
-    for folder in list(ckpt.resolve().parents)[:levels]:
-        candidate = folder / ".hydra" / "config.yaml"
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def policy_weights(checkpoint: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
-    """The ``policy.*`` entries of a Lightning checkpoint's state dict, prefix removed."""
-    weights = {k[len("policy."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("policy.")}
-    if not weights:
-        raise ConfigError("ckpt_path", f"{path} holds no 'policy.*' weights: not a checkpoint written by htgrpo.fit")
-    return weights
-
-
-def load_fit_checkpoint(ckpt_path: str | Path, run_config: str | Path | None = None) -> torch.nn.Module:
-    """The trained policy of a fit checkpoint, rebuilt from the run's config (see the module docstring)."""
-    from htgrpo.policies.lora import load_policy_weights
-
-    path = Path(str(ckpt_path)).expanduser()
-    if not path.is_file():
-        raise ConfigError("ckpt_path", f"{path} is not a file (expected a Lightning .ckpt written by htgrpo.fit)")
-    config_path = Path(str(run_config)).expanduser() if run_config else find_run_config(path)
-    if config_path is None or not config_path.is_file():
-        raise ConfigError("run_config", f"no fit run config found for {path} (looked for .hydra/config.yaml in its"
-                                        " parent folders); pass run_config=RUN/.hydra/config.yaml")
-    run_cfg = OmegaConf.load(config_path)
-    policy = instantiate_node(run_cfg, "policy")
-    if not isinstance(policy, torch.nn.Module):
-        raise ConfigError("ckpt_path", f"the run's policy ({type(policy).__name__}) has no trainable weights to export")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    load_policy_weights(policy, policy_weights(checkpoint, path), key="ckpt_path")
-    return policy
 
 
 def export(ckpt_path: str | Path, out: str | Path, merge: bool = False,

@@ -25,6 +25,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from htgrpo._hydra import config_dir, run_or_exit_on_config_error
+from htgrpo.checkpoints import resume_from
 from htgrpo.config import call_checked, instantiate_node
 from htgrpo.rewards.base import RewardUnavailableError
 from htgrpo.strategies import check_strategy_supports, check_trainer_hardware
@@ -100,6 +101,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(int(cfg.seed), workers=True)
     # A strategy that needs CUDA (DeepSpeed, accelerator=gpu) fails here, naming `trainer`, before anything is built.
     check_trainer_hardware(OmegaConf.to_container(cfg.trainer, resolve=True))
+    # ckpt_path: a training checkpoint of a kind htgrpo.checkpoints knows, else it fails here naming the key.
+    resume = resume_from(cfg.get("ckpt_path"))
+    if resume is not None:
+        log.info("resuming from %s (%s, step %s)", resume.ckpt_path, resume.kind, resume.global_step)
 
     benchmark = instantiate_node(cfg, "benchmark")
     datamodule = instantiate_node(cfg, "data", val_prompts=benchmark.prompts)
@@ -123,10 +128,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("benchmark %s: %d prompts x %d images", benchmark.name, len(benchmark.prompts), benchmark.images_per_prompt)
 
     val_start: dict[str, float] = {}
-    if cfg.validate_at_start and cfg.ckpt_path is None:
+    if cfg.validate_at_start and resume is None:
         val_start = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
     val_start_rows = list(getattr(module, "val_rows", []))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else resume.ckpt_path)
     failure = getattr(module, "reward_failure", None)
     if failure:  # the reward gave nothing for reward.max_failed_batches batches: keep what was trained, then stop
         ckpt = output_dir / "checkpoints" / "reward_unavailable.ckpt"

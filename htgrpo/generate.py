@@ -119,7 +119,7 @@ def generate_all(generator: Any, prompts: Sequence[BenchmarkPrompt], kind: str, 
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    from htgrpo.evaluate import load_policy
+    from htgrpo.checkpoints import load_policy
     from htgrpo.policies.generators import as_image_generator
 
     started = time.perf_counter()

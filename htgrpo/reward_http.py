@@ -194,7 +194,7 @@ def check_png_batch(images: Any, limits: ImageLimits) -> list[PngHeader]:
     headers, total = [], 0
     for i, text in enumerate(images):
         h = b64_png_header(text, f"images[{i}]")
-        if False:
+        if h.pixels > limits.max_pixels:
             raise RequestError(413, f"images[{i}]: {h.width}x{h.height} = {h.pixels} pixels exceeds serve.max_pixels"
                                     f" = {limits.max_pixels}")
         total += h.pixels

@@ -522,78 +522,6 @@ def clip_and_step(module: Any, optimizer: Any, max_grad_norm: float) -> float:
 
 
 # ======================================================================================================================
-# Reading the checkpoints the strategies write (htgrpo.evaluate, export)
-# ======================================================================================================================
-
-
-def checkpoint_kind(path: str | Path) -> str | None:
-    """What ``fit`` wrote at ``path``: ``fsdp_sharded`` (a torch distributed checkpoint folder: ``.metadata``,
-    ``__<rank>_0.distcp`` shards, Lightning's ``meta.pt``), ``deepspeed`` (a DeepSpeed folder: ``latest`` and
-    ``checkpoint/*model_states.pt``), ``lightning`` (a ``.ckpt`` file), or None."""
-    path = Path(path)
-    if path.is_file():
-        return "lightning"
-    if (path / ".metadata").is_file() and (path / "meta.pt").is_file():
-        return "fsdp_sharded"
-    if (path / "latest").is_file() or any(path.glob("*/mp_rank_*_model_states.pt")):
-        return "deepspeed"
-    return None
-
-
-def _strip_prefixes(state: Mapping[str, Any], prefix: str = "policy.") -> dict[str, torch.Tensor]:
-    """``policy.*`` entries of a LightningModule state dict, prefix removed (and Lightning's ``_forward_module.``
-    wrapper prefix, which DeepSpeed checkpoints of older Lightning versions carry)."""
-    out = {}
-    for key, value in state.items():
-        key = key[len("_forward_module."):] if key.startswith("_forward_module.") else key
-        if key.startswith(prefix):
-            out[key[len(prefix):]] = value
-    return out
-
-
-def read_policy_weights(path: str | Path, policy: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The ``policy.*`` weights (prefix removed) of a training checkpoint of any kind ``fit`` writes, on the CPU.
-
-    * ``fsdp_sharded``: read with torch distributed checkpoint (no process group needed: one process reads every
-      rank's shards) into tensors shaped like ``policy``'s own state dict;
-    * ``deepspeed``: DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (ZeRO-1/2/3: the fp32 master weights,
-      reassembled from every rank's partition);
-    * ``lightning``: the file's ``state_dict``.
-
-    Raises:
-        ConfigError: (``ckpt_path``) not a checkpoint of these kinds, or it holds no policy weights.
-    """
-    path = Path(path)
-    kind = checkpoint_kind(path)
-    if kind == "fsdp_sharded":
-        import torch.distributed.checkpoint as dcp
-
-        own = policy.state_dict()
-        state = {"model": {f"policy.{k}": torch.empty_like(v, device="cpu") for k, v in own.items()}}
-        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-
-        try:
-            dcp.load(state, checkpoint_id=path)
-        except (CheckpointException, RuntimeError, ValueError, KeyError) as err:
-            raise ConfigError("ckpt_path", f"the weights in {path} do not fit the architecture of `policy`: "
-                                           f"{str(err).strip().splitlines()[-1]}") from None
-        weights = _strip_prefixes(state["model"])
-    elif kind == "deepspeed":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        weights = _strip_prefixes(get_fp32_state_dict_from_zero_checkpoint(str(path)))
-    elif kind == "lightning":
-        weights = _strip_prefixes(torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {}))
-    else:
-        raise ConfigError("ckpt_path", f"{path} is not a checkpoint written by htgrpo.fit (a .ckpt file, an FSDP "
-                                       "sharded folder or a DeepSpeed folder)")
-    if not weights:
-        raise ConfigError("ckpt_path", f"{path} ({kind}) holds no 'policy.*' weights: not a checkpoint written by "
-                                       "htgrpo.fit")
-    return weights
-
-
-# ======================================================================================================================
 # Start-up checks
 # ======================================================================================================================
 
@@ -652,12 +580,10 @@ __all__ = [
     "GRPOFSDPStrategy",
     "check_strategy_supports",
     "check_trainer_hardware",
-    "checkpoint_kind",
     "clip_and_step",
     "deepspeed_config",
     "keep_out_of_strategy",
     "local_grad_norm",
     "needs_cuda",
-    "read_policy_weights",
     "resolve_wrap_classes",
 ]

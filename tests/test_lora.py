@@ -275,8 +275,8 @@ def test_lora_checkpoint_holds_only_adapters_resumes_exactly_and_exports_both_fo
 
     from peft import PeftModel
 
-    from htgrpo.evaluate import load_policy
-    from htgrpo.export import export, load_fit_checkpoint
+    from htgrpo.checkpoints import load_fit_checkpoint, load_policy
+    from htgrpo.export import export
 
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"

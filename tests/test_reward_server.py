@@ -335,6 +335,8 @@ def _small_png() -> str:
 PROBES: list[tuple[str, Any, int]] = [
     ("image header claims 9000x9000 (1 bit, would decode to 81 Mpx)", lambda: _json_req(
         {"images": [_png_b64_bytes(_ihdr_png(9000, 9000) + b"\0" * 64)]}), 413),
+    ("one image over max_pixels: 80x80 header (6,400 px > 4,096, under the request budget)", lambda: _json_req(
+        {"images": [_png_b64_bytes(_ihdr_png(80, 80) + b"\0" * 64)]}), 413),
     ("request pixel budget: 3 x 64x64 images (12,288 px > 10,000)", lambda: _json_req(
         {"images": [_png_b64_bytes(_ihdr_png(64, 64) + b"\0" * 64)] * 3}), 413),
     ("more images than max_images", lambda: _json_req({"images": [_small_png()] * 5}), 400),
@@ -700,3 +702,24 @@ def _run_with_extra_callback(run, cfg, callback):
         return run(cfg)
     finally:
         fit.build_callbacks = original
+
+
+def test_a_mix_checks_its_served_parts_at_start_up_and_takes_their_failure_limit(monkeypatch):
+    import pickle
+
+    from htgrpo.rewards.mix import MixReward
+
+    srv = RewardServer("127.0.0.1", 0, token="tok").start()
+    srv.set_reward(ShapesPromptReward(WORLD))
+    try:
+        monkeypatch.delenv(TOKEN_ENV, raising=False)
+        mix = MixReward({"local": {"weight": 1.0, "reward": ShapesPromptReward(WORLD)},
+                         "served": {"weight": 0.5, "reward": RemoteReward(srv.url, max_failed_batches=4)}})
+        assert mix.max_failed_batches == 4
+        with pytest.raises(ConfigError) as err:
+            mix.check_ready()
+        assert err.value.key == "components.served.reward.token_file" and "HTTP 401" in str(err.value)
+        copy = pickle.loads(pickle.dumps(mix.parts["served"]))  # ddp_spawn pickles the module with its reward
+        assert copy.url == srv.url and copy.max_failed_batches == 4
+    finally:
+        srv.stop()

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from htgrpo.checkpoints import detect_checkpoint_kind, read_policy_weights, read_training_state
 from htgrpo.config import ConfigError
 from htgrpo.data.datamodules import PromptDataModule
 from htgrpo.data.prompt_sets import ShapesPromptStream
@@ -24,13 +25,11 @@ from htgrpo.strategies import (
     GRPOFSDPStrategy,
     check_strategy_supports,
     check_trainer_hardware,
-    checkpoint_kind,
     clip_and_step,
     clip_grads_,
     deepspeed_config,
     global_grad_norm,
     keep_out_of_strategy,
-    read_policy_weights,
     resolve_wrap_classes,
 )
 from test_cli import run_cli
@@ -281,7 +280,8 @@ def test_fsdp_one_rank_trains_like_single_device_and_resumes_from_a_sharded_fold
     assert all(g > 0.05 for step in ref.values() for _, g in step)
 
     folder = tmp_path / "ckpt" / "step000003.ckpt"
-    assert checkpoint_kind(folder) == "fsdp_sharded" and (folder / "__0_0.distcp").is_file()
+    assert detect_checkpoint_kind(folder) == "fsdp_sharded" and (folder / "__0_0.distcp").is_file()
+    assert read_training_state(folder).global_step == 3  # from Lightning's meta.pt (3 updates per rollout step)
     # evaluate's reader: the weights in the folder of the last step are the trained ones
     last = tmp_path / "ckpt" / "step000009.ckpt"
     weights = read_policy_weights(last, tiny_policy())
@@ -323,7 +323,8 @@ def test_deepspeed_cpu_clips_like_single_device_and_its_folder_resumes_and_evalu
 
     # evaluate's reader reassembles the fp32 weights from the ZeRO partitions: the single-device run's after 2 steps
     folder = tmp_path / "ckpt" / "step000006.ckpt"
-    assert checkpoint_kind(folder) == "deepspeed"
+    assert detect_checkpoint_kind(folder) == "deepspeed"
+    assert read_training_state(folder).global_step == 6  # from DeepSpeed's client state (mp_rank_00_model_states.pt)
     weights = read_policy_weights(folder, tiny_policy())
     for k, v in plain_log.weights[1].items():
         assert torch.allclose(weights[k], v, atol=1e-6), k

@@ -233,3 +233,24 @@ def test_other_recipes(name, reply, expected):
         out = build_reward(name, options={"base_url": server.url}).score(images(1), ["a cat"])
     assert out.scores[0].item() == pytest.approx(expected, abs=1e-6)
     assert json.dumps(server.requests[0][1])  # a JSON-serialisable request
+
+
+def test_training_against_the_judge_overlaps_and_stops_when_it_is_down(tmp_path):
+    """HT-GRPO on the tiny ShapesWorld policy with reward=vlm_judge: scoring overlaps sampling by default (auto), a
+    judge that answers get trained on, a judge that only fails stops the run after max_failed_batches batches."""
+    from test_overlap_scoring import fit_steps, make_module
+
+    with fake.FakeOpenAIServer(lambda body: (200, fake.chat_response(f"Score: {len(server.requests) % 11}"))) as server:
+        reward = judge(server, concurrency=2)
+        module = make_module(reward)  # overlap_scoring=auto, rollout chunks of 2 images
+        assert module.chunk_scorer() is not None
+        fit_steps(module, 1, tmp_path / "up")
+    assert len(server.requests) == 8 and torch.isfinite(module.last_scored.rewards).all()
+    assert module.last_update_stats and module.reward_failure is None
+
+    with fake.FakeOpenAIServer(lambda body: (503, {"error": "loading"})) as server:
+        reward = judge(server, retries=0, max_failed_batches=2)
+        module = make_module(reward)
+        fit_steps(module, 4, tmp_path / "down")
+    assert module.rollout_step == 2 and module.consecutive_unscored_batches == 2  # stopped after 2 of 4 batches
+    assert "max_failed_batches=2" in module.reward_failure and "HTTP 503" in module.reward_failure

@@ -1,13 +1,21 @@
-"""MaskGIT sampler throughput of the masked-diffusion policy, and what restricting logits buys.
+"""MaskGIT sampler throughput of the masked-diffusion policy, and what restricting logits buys, at two geometries.
 
-Measures images/s of ``maskgit_sample`` at its default settings, once computing logits only at the N image positions
-over the image-code columns (the default) and once the full way (full-vocabulary logits at every position, then
-sliced), on the same policy, prompts and generator seed. Both ways must give identical samples; the script checks.
+Measures images/s of ``maskgit_sample`` once computing logits only at the N image positions over the image-code
+columns (the default) and once the full way (full-vocabulary logits at every position, then sliced), on the same
+policy, prompts and generator seed; both must give identical samples (the script checks). Two rows, one process:
 
-    python experiments/benchmarks/sampler_speed.py                      # toy ShapesWorld policy, random weights
-    python experiments/benchmarks/sampler_speed.py --policy PATH        # a saved MaskedDiffusionPolicy folder
-    python experiments/benchmarks/sampler_speed.py --embedding-size 134656 --batch-size 4 --steps 4 --repeats 1
-        # toy body with an MMaDA-wide LM head (134656 rows): the head restriction at MMaDA's vocabulary size
+- ``real``: a body-dominated geometry whose LM-head : body FLOP ratio equals MMaDA-8B's. MMaDA-8B's full head
+  (134,656 rows) costs 2·D·V per position; its body 2·L·(4D² + 3DF) + attention 4·L·T·D per token
+  (D 4096, F 12288, L 32, T 1283): head/body = 0.0754 (:func:`mmada_head_body_ratio`). The head/body ratio of a
+  LLaDA body goes as V / (L·(4D + 3F + 2T)), so at the toy body (d256 × 4 layers) the vocabulary is scaled down with the width and
+  depth to keep that ratio (:func:`vocabulary_for_ratio`: 1,180 rows at T 293): restricting logits is then worth
+  what it is worth on MMaDA-8B (about 1.1×), because what dominates is the body's 12–64 full passes, not the head.
+- ``toy``: the same body with MMaDA's full 134,656-row head, where the head costs ~10× the body; the 5× speed-up
+  measured there comes from the head and does not carry over to 8B models.
+
+    python experiments/benchmarks/sampler_speed.py                      # both rows, random weights
+    python experiments/benchmarks/sampler_speed.py --geometry real      # one row
+    python experiments/benchmarks/sampler_speed.py --policy PATH        # a saved MaskedDiffusionPolicy folder (one row)
 """
 
 from __future__ import annotations
@@ -37,15 +45,42 @@ PROMPTS = [
 ]
 
 
+MMADA_HEAD_ROWS = 134656
+"""MMaDA-8B's LM-head rows (reference §3.2: embedding_size 134656)."""
+
+
+def body_flops_per_token(d_model: int, n_layers: int, mlp_hidden: int, seq_len: int) -> int:
+    """Forward FLOPs per token of a LLaDA body: L·(2·(4D² + 3DF) + 4·T·D) (Linear layers + full attention)."""
+    return n_layers * (2 * (4 * d_model * d_model + 3 * d_model * mlp_hidden) + 4 * seq_len * d_model)
+
+
+def head_flops_per_token(d_model: int, rows: int) -> int:
+    """Forward FLOPs per position of an LM head with ``rows`` rows: 2·D·V."""
+    return 2 * d_model * rows
+
+
+def mmada_head_body_ratio() -> float:
+    """MMaDA-8B's full-head : body FLOP ratio per position (D 4096, F 12288, L 32, T 1283 at 512 px): 0.0754."""
+    return head_flops_per_token(4096, MMADA_HEAD_ROWS) / body_flops_per_token(4096, 32, 12288, 1283)
+
+
+def vocabulary_for_ratio(ratio: float, d_model: int, n_layers: int, mlp_hidden: int, seq_len: int) -> int:
+    """Head rows V giving ``ratio`` = 2·D·V / body per token at this body: V = ratio · body / (2·D), rounded."""
+    return round(ratio * body_flops_per_token(d_model, n_layers, mlp_hidden, seq_len) / (2 * d_model))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policy", default=None, help="saved MaskedDiffusionPolicy folder (default: random toy policy)")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=16, help="sampling steps (maskgit_sample default: 16)")
+    ap.add_argument("--policy", default=None, help="saved MaskedDiffusionPolicy folder (one row; default: random toy)")
+    ap.add_argument("--geometry", default="both", choices=["both", "real", "toy"],
+                    help="real: head:body FLOP ratio of MMaDA-8B; toy: MMaDA's 134656-row head on the toy body")
+    ap.add_argument("--d-model", type=int, default=256, help="toy body width (default 256)")
+    ap.add_argument("--n-layers", type=int, default=4, help="toy body depth (default 4)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=8, help="sampling steps (maskgit_sample default: 16)")
     ap.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale (maskgit_sample default: 3.0)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median reported)")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--embedding-size", type=int, default=None, help="pad the toy LM head to this many rows")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -66,18 +101,10 @@ def timed_sample(policy, prompt, args, full_vocab: bool) -> tuple[float, torch.T
     return time.perf_counter() - t0, out.codes
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.policy:
-        policy = MaskedDiffusionPolicy.from_pretrained(args.policy)
-    else:
-        policy = toy_masked_diffusion_policy(embedding_size=args.embedding_size, seed=args.seed)
-    policy = policy.to(args.device).eval()
+def measure(policy, args) -> dict:
+    """Restricted vs full-vocabulary sampling on ``policy``: medians of interleaved runs, identical-samples check."""
     texts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]
     prompt = policy.encode_prompts(texts)
-
     settings = {"restricted": False, "full_vocab": True}
     for _ in range(args.warmup):
         for full in settings.values():
@@ -93,48 +120,61 @@ def main(argv: list[str] | None = None) -> dict:
     for name, ts in times.items():
         sec = statistics.median(ts)
         results[name] = {"seconds_per_batch": sec, "images_per_s": args.batch_size / sec, "times": ts}
-    identical = torch.equal(codes["restricted"], codes["full_vocab"])
-    speedup = results["full_vocab"]["seconds_per_batch"] / results["restricted"]["seconds_per_batch"]
-
     cfg = policy.backbone.config
     layout = policy.layout
-    report = {
-        "device": str(policy.device) if policy.device.type != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "policy": args.policy or "toy (random weights)",
-        "params": sum(p.numel() for p in policy.parameters()),
-        "d_model": cfg.d_model,
-        "n_layers": cfg.n_layers,
-        "lm_head_rows": cfg.effective_embedding_size,
-        "seq_len": layout.seq_len,
-        "image_tokens": layout.num_image_tokens,
-        "codebook_size": layout.codebook_size,
-        "batch_size": args.batch_size,
-        "steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "repeats": args.repeats,
-        "results": results,
-        "speedup_restricted_vs_full": speedup,
-        "identical_samples": identical,
-    }
-    print(
-        f"maskgit_sample: {report['policy']}, {report['params'] / 1e6:.2f}M params, "
-        f"head {cfg.effective_embedding_size} rows, "
-        f"seq {layout.seq_len} ({layout.num_image_tokens} image tokens x {layout.codebook_size} codes), "
-        f"batch {args.batch_size}, {args.steps} steps, cfg {args.guidance_scale}, {report['device']}"
-    )
-    print(f"{'logits computed':<40} {'s/batch':>9} {'images/s':>9}")
-    labels = {"restricted": "image positions x code columns", "full_vocab": "all positions x full vocabulary"}
-    for name, label in labels.items():
-        r = results[name]
-        print(f"{label:<40} {r['seconds_per_batch']:>9.3f} {r['images_per_s']:>9.2f}")
-    print(f"speed-up from restricting logits: {speedup:.2f}x   identical samples: {identical}")
+    head_rows = cfg.effective_embedding_size
+    ratio = head_flops_per_token(cfg.d_model, head_rows) / body_flops_per_token(
+        cfg.d_model, cfg.n_layers, cfg.effective_mlp_hidden_size, layout.seq_len)
+    return {"params": sum(p.numel() for p in policy.parameters()), "d_model": cfg.d_model, "n_layers": cfg.n_layers,
+            "lm_head_rows": head_rows, "head_body_ratio": ratio, "seq_len": layout.seq_len,
+            "image_tokens": layout.num_image_tokens, "codebook_size": layout.codebook_size, "results": results,
+            "speedup_restricted_vs_full": results["full_vocab"]["seconds_per_batch"]
+            / results["restricted"]["seconds_per_batch"],
+            "identical_samples": torch.equal(codes["restricted"], codes["full_vocab"])}
+
+
+def build_rows(args) -> dict[str, object]:
+    """Policies to measure: a saved one, or the toy body at the real (MMaDA head:body) and toy (134656 rows) heads."""
+    if args.policy:
+        return {"policy": MaskedDiffusionPolicy.from_pretrained(args.policy)}
+    probe = toy_masked_diffusion_policy(d_model=args.d_model, n_layers=args.n_layers, seed=args.seed)
+    cfg, T = probe.backbone.config, probe.layout.seq_len
+    rows = {"real": vocabulary_for_ratio(mmada_head_body_ratio(), cfg.d_model, cfg.n_layers,
+                                         cfg.effective_mlp_hidden_size, T),
+            "toy": MMADA_HEAD_ROWS}
+    names = ["real", "toy"] if args.geometry == "both" else [args.geometry]
+    return {n: toy_masked_diffusion_policy(d_model=args.d_model, n_layers=args.n_layers, embedding_size=rows[n],
+                                           seed=args.seed) for n in names}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = f"cpu ({torch.get_num_threads()} threads)" if args.device == "cpu" else args.device
+    report = {"device": device, "torch": torch.__version__, "machine": platform.machine(),
+              "load_average": os.getloadavg()[0], "batch_size": args.batch_size, "steps": args.steps,
+              "guidance_scale": args.guidance_scale, "repeats": args.repeats,
+              "mmada_head_body_ratio": mmada_head_body_ratio(), "rows": {}}
+    print(f"maskgit_sample, random weights, batch {args.batch_size}, {args.steps} steps, cfg {args.guidance_scale}, "
+          f"{device}, load average {report['load_average']:.1f}; MMaDA-8B head:body FLOP ratio "
+          f"{report['mmada_head_body_ratio']:.4f} (134656-row head vs D 4096 × 32 layers at T 1283)")
+    print(f"{'geometry':<10} {'body':>10} {'head rows':>9} {'head:body':>9} {'restricted s':>12} {'full s':>8} "
+          f"{'speed-up':>8} {'identical':>9}")
+    for name, policy in build_rows(args).items():
+        policy = policy.to(args.device).eval()
+        row = measure(policy, args)
+        report["rows"][name] = row
+        r = row["results"]
+        print(f"{name:<10} {'d%d x %d' % (row['d_model'], row['n_layers']):>10} {row['lm_head_rows']:>9} "
+              f"{row['head_body_ratio']:>9.4f} {r['restricted']['seconds_per_batch']:>12.3f} "
+              f"{r['full_vocab']['seconds_per_batch']:>8.3f} {row['speedup_restricted_vs_full']:>7.2f}x "
+              f"{str(row['identical_samples']):>9}", flush=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
-    if not identical:
+    if not all(row["identical_samples"] for row in report["rows"].values()):
         raise SystemExit("restricted and full-vocabulary logits gave different samples")
     return report
 

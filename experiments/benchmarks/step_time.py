@@ -26,11 +26,12 @@ is per device), so the compute per rank equals one GPU's; FSDP adds the all-gath
 forward (each sampler step, each update forward and its recompute) and the gradient reduce-scatter; the table gives
 that traffic and its time at ``--link-gbs`` and assumes it overlaps the compute (step = max of the two per phase).
 
-``--self-check`` runs real HT-GRPO steps of a reduced-size LLaDA policy on CPU (the ``rl_step.py`` timers, with
-the old/ref passes timed apart from the updates), measures this process's achieved matmul FLOP/s on the model's own
-GEMM shape right before each phase, and compares measured seconds with FLOPs / that rate: each phase within 20%.
-The calibration runs in the same process as the measurement, so the check is about the FLOP count, not the
-machine's load (the machine running the tests is shared).
+``--self-check`` runs real HT-GRPO steps of a reduced-size LLaDA policy on CPU (timed at the ``rl_step.py`` phase
+boundaries, with the old/ref passes apart from the updates), measures this process's achieved matmul FLOP/s on the
+model's own GEMM shape right before each phase, and compares measured seconds with FLOPs / that rate: each phase
+within 20%. The calibration runs in the same process as the measurement and both are timed in process CPU seconds
+(``time.process_time``), so the check is about the FLOP count, not the machine's load (the machine running the
+tests is shared; other processes stretch wall time, not this process's CPU time).
 
 Harmon (MAR-GRPO) is counted from its modules' widths (Qwen2.5-1.5B over the MAR encoder's tokens, mar_huge encoder
 and decoder, the 12 × 1536 diffusion head): see :func:`harmon_phase_flops` for what each phase runs.
@@ -74,8 +75,8 @@ def linear_flops(rows: int, d_in: int, d_out: int) -> int:
 
 def attention_flops(sequences: int, seq_len: int, d_model: int) -> int:
     """Forward FLOPs of full (bidirectional) attention in one block: scores Q·Kᵀ (2·T·T·D per sequence) and the
-    weighted sum P·V (2·T·T·D): 4·B·T²·D. Grouped-query attention does not change it (every query head reads T keys
-    of head_dim)."""
+    weighted sum P·V (2·T·T·D): 4·B·T²·D. Grouped-query attention does not change it (every query head reads T
+    keys of head_dim)."""
     return 4 * sequences * seq_len * seq_len * d_model
 
 
@@ -89,8 +90,10 @@ def block_linear_flops(shape: ModelShape, rows: int) -> int:
 def lora_flops(shape: ModelShape, rows: int, r: int, targets: tuple[str, ...] = ALL_TARGETS) -> int:
     """Forward FLOPs of one block's LoRA adapters: per target 2·rows·in·r (lora_A) + 2·rows·r·out (lora_B)."""
     width = {"D": shape.d_model, "F": shape.mlp_hidden}
-    return sum(linear_flops(rows, width[TARGET_INPUT_WIDTH[t]], r) + linear_flops(rows, r, width[TARGET_OUTPUT_WIDTH[t]])
-               for t in targets) if r > 0 else 0
+    if r <= 0:
+        return 0
+    return sum(linear_flops(rows, width[TARGET_INPUT_WIDTH[t]], r)
+               + linear_flops(rows, r, width[TARGET_OUTPUT_WIDTH[t]]) for t in targets)
 
 
 def head_flops(rows: int, d_model: int, columns: int) -> int:
@@ -107,6 +110,9 @@ class PassFlops:
     attention: int
     lora: int
     head: int
+    first_block_input_grads: int = 0
+    """Input gradients a LoRA backward skips: the first block's q, k, v layers (base and lora_A) read the frozen
+    embedding's normalised output, which needs no gradient."""
 
     @property
     def forward(self) -> int:
@@ -118,19 +124,25 @@ def pass_flops(shape: ModelShape, sequences: int, seq_len: int, head_positions: 
     """One forward of ``sequences`` sequences of ``seq_len`` tokens through the L blocks, and the LM head at
     ``head_positions`` positions per sequence over the image columns: L·(linear + attention + LoRA) + head."""
     rows = sequences * seq_len
-    L = shape.n_layers
+    L, D = shape.n_layers, shape.d_model
+    qkv = [t for t in ("q_proj", "k_proj", "v_proj") if t in targets] if lora_r > 0 else []
+    skipped = 3 * linear_flops(rows, D, D) + len(qkv) * linear_flops(rows, D, lora_r)
     return PassFlops(base_linear=L * block_linear_flops(shape, rows),
-                     attention=L * attention_flops(sequences, seq_len, shape.d_model),
+                     attention=L * attention_flops(sequences, seq_len, D),
                      lora=L * lora_flops(shape, rows, lora_r, targets),
-                     head=head_flops(sequences * head_positions, shape.d_model, shape.image_columns))
+                     head=head_flops(sequences * head_positions, D, shape.image_columns),
+                     first_block_input_grads=skipped)
 
 
 def backward_flops(p: PassFlops, lora: bool, checkpointing: bool) -> int:
     """Backward FLOPs of a pass: attention 2×; LoRA adapters 2× (input + weight gradients); base Linear layers and
-    the LM head 1× when frozen (LoRA: input gradients only), 2× when trained; + one forward of the blocks (not the
-    head) when gradient checkpointing recomputes them."""
+    the LM head 1× when frozen (LoRA: input gradients only, less the first block's q/k/v input gradients, which
+    nothing needs unless checkpointing makes the embedding output require grad), 2× when trained; + one forward of
+    the blocks (not the head) when gradient checkpointing recomputes them."""
     trained = 1 if lora else 2
     bwd = 2 * p.attention + 2 * p.lora + trained * p.base_linear + trained * p.head
+    if lora and not checkpointing:  # checkpointed LoRA models make the embedding output require grad (transformers'
+        bwd -= p.first_block_input_grads  # enable_input_require_grads), so the first block's input grads do run
     if checkpointing:
         bwd += p.base_linear + p.attention + p.lora
     return bwd
@@ -320,50 +332,68 @@ def transformer_layer_flops(rows: int, ctx: int, sequences: int, d: int, f: int,
     return 2 * linear_flops(rows, d, d) + 2 * linear_flops(rows, d, kv) + mlp + 4 * rows * ctx * d
 
 
-def harmon_ar_step_flops(s: HarmonStep, sequences: int, visible: int) -> int:
-    """One AR step for ``sequences`` sequences with ``visible`` known tokens: MAR encoder over buffer + visible
-    tokens (ViT, GELU MLP 4×), the LLM over those tokens (+ the cached prompt as context), the MAR decoder over
-    buffer + all tokens. The diffusion head is counted apart (:func:`harmon_head_flops`)."""
+def harmon_ar_step_flops(s: HarmonStep, sequences: int, visible: int) -> dict[str, int]:
+    """One AR step's body for ``sequences`` sequences with ``visible`` known tokens, split by what is trained:
+    ``mar``: MAR encoder over buffer + visible tokens and decoder over buffer + all N (ViT blocks, GELU MLP 4×);
+    ``llm``: Qwen2.5 over the encoder's tokens (the cached prompt as extra keys) and the two projectors. The
+    diffusion head is counted apart (:func:`harmon_head_flops`)."""
     enc_t = s.buffer + visible
     dec_t = s.buffer + s.tokens
     enc = s.mar_depth * transformer_layer_flops(sequences * enc_t, enc_t, sequences, s.mar_d, 4 * s.mar_d, s.mar_d,
                                                 False)
+    dec = s.mar_depth * transformer_layer_flops(sequences * dec_t, dec_t, sequences, s.mar_d, 4 * s.mar_d, s.mar_d,
+                                                False)
     llm = s.llm_layers * transformer_layer_flops(sequences * enc_t, enc_t + s.prompt_tokens, sequences, s.llm_d,
                                                  s.llm_f, s.llm_kv, True)
     proj = 2 * (linear_flops(sequences * enc_t, s.mar_d, s.llm_d) + linear_flops(sequences * enc_t, s.llm_d, s.llm_d))
-    dec = s.mar_depth * transformer_layer_flops(sequences * dec_t, dec_t, sequences, s.mar_d, 4 * s.mar_d, s.mar_d,
-                                                False)
-    return enc + llm + proj + dec
+    return {"mar": enc + dec, "llm": llm + proj}
 
 
 def harmon_head_flops(s: HarmonStep, rows: int) -> int:
-    """One diffusion-head evaluation of ``rows`` tokens: ``head_d`` residual MLP blocks of width w (2 Linear w×w
-    each, plus the adaLN modulation w→3w) and the in/out projections: ~ rows·head_d·(2·2·w² + 2·3·w²)."""
+    """Diffusion-head evaluations of ``rows`` (token, timestep) pairs: ``head_d`` residual blocks of width w, each an
+    adaLN modulation w → 3w and an MLP w → w → w: rows·head_d·(2·3·w² + 2·2·w²) (embeddings and the final layer,
+    under 5%, left out)."""
     w = s.head_w
-    return rows * s.head_d * (2 * 2 * w * w + 2 * 3 * w * w)
+    return rows * s.head_d * (2 * 3 * w * w + 2 * 2 * w * w)
+
+
+def cosine_masked(tokens: int, step: int, steps: int) -> int:
+    """Tokens still unknown before AR step ``step`` of ``steps`` under MAR's cosine schedule: ⌊N·cos(π/2·k/S)⌋."""
+    return int(tokens * math.cos(0.5 * math.pi * step / steps))
 
 
 def harmon_phase_flops(s: HarmonStep) -> PhaseFlops:
-    """MAR-GRPO phases on Harmon (frozen LLM and head; trained MAR encoder/decoder):
+    """MAR-GRPO phases on Harmon (experiment harmon_mar_grpo: frozen LLM, projectors and head; trained MAR):
 
-    rollout: ``ar_steps`` AR steps (visible tokens grow 0 → N along the cosine schedule, taken as N/2 on average),
-    2× with CFG, and every token's head chain of ``head_steps`` evaluations (2× with CFG);
-    mte: S chains of ``head_steps`` on the top ``mte_fraction`` of tokens (cond only);
-    old_ref: reference and old passes of the ``train_ar_steps`` trained AR steps (+ their head transitions);
-    update: forward + backward of the trained AR steps (MAR trained: 3×; LLM frozen: 2× forward+input-gradient),
-    and the head transitions (frozen head, backward into z: 2×)."""
+    rollout: ``ar_steps`` AR steps (known tokens N − ⌊N·cos(π/2·k/S)⌋ before step k), 2× with CFG; each decoded
+    token's head chain of ``head_steps`` evaluations, and at the ``train_ar_steps`` logged steps a chain for all N
+    positions (as the release logs them), all 2× with CFG; then MTE: S chains of ``head_steps`` on the top
+    ``mte_fraction`` of tokens (2× with CFG);
+    old_ref: per trained AR step the reference's conditional AR latents and the head at the scored transitions
+    (every still-unknown token × ``train_head_steps``; released ratio mode has no separate old pass);
+    update: per trained step forward + backward: MAR 3× (trained), LLM and projectors 2× (frozen: input gradients),
+    head 2× (frozen: gradients into z) on the scored transitions plus the S critic chains (``mte_fraction`` of them).
+    Trained AR steps are random: the expected unknown count is the mean over all steps."""
     B = s.images
-    seqs = B * (2 if s.cfg else 1)
-    per_ar = harmon_ar_step_flops(s, seqs, s.tokens // 2)
-    tokens_per_step = s.tokens / s.ar_steps
-    rollout = s.ar_steps * (per_ar + harmon_head_flops(s, int(seqs * tokens_per_step)) * s.head_steps)
-    mte = s.mte_trajectories * s.head_steps * harmon_head_flops(s, int(B * s.tokens * s.mte_fraction))
-    cond = harmon_ar_step_flops(s, B, s.tokens // 2)
-    head_rows = int(B * tokens_per_step * s.train_head_steps)
-    one_pass = s.train_ar_steps * (cond + harmon_head_flops(s, head_rows))
-    old_ref = 2 * one_pass
-    update = s.inner_updates * 3 * one_pass
-    return PhaseFlops(rollout=float(rollout + mte), old_ref=float(old_ref), update=float(update),
+    cfg = 2 if s.cfg else 1
+    S = s.ar_steps
+    masked = [cosine_masked(s.tokens, k, S) for k in range(S)] + [0]
+    rollout = 0
+    for k in range(S):
+        body = harmon_ar_step_flops(s, B * cfg, s.tokens - masked[k])
+        decoded = masked[k] - masked[k + 1]
+        rollout += body["mar"] + body["llm"] + harmon_head_flops(s, B * cfg * decoded * s.head_steps)
+    rollout += s.train_ar_steps * harmon_head_flops(s, B * cfg * s.tokens * s.head_steps)
+    mte = s.mte_trajectories * harmon_head_flops(s, int(B * cfg * s.tokens * s.mte_fraction) * s.head_steps)
+    mean_body = {key: sum(harmon_ar_step_flops(s, B, s.tokens - masked[k])[key] for k in range(S)) / S
+                 for key in ("mar", "llm")}
+    mean_scored = sum(masked[:S]) / S
+    scored_rows = int(B * mean_scored * s.train_head_steps)
+    critic_rows = int(s.mte_trajectories * s.mte_fraction * scored_rows)
+    ref = s.train_ar_steps * (mean_body["mar"] + mean_body["llm"] + harmon_head_flops(s, scored_rows))
+    update = s.inner_updates * s.train_ar_steps * (3 * mean_body["mar"] + 2 * mean_body["llm"]
+                                                   + 2 * harmon_head_flops(s, scored_rows + critic_rows))
+    return PhaseFlops(rollout=float(rollout + mte), old_ref=float(ref), update=float(update),
                       detail={"mte": float(mte)})
 
 
@@ -437,23 +467,27 @@ def table(rows: list[tuple[str, PhaseFlops, Hardware, dict | None, int]]) -> str
 
 
 def default_tables(mfu: float, peak: float, link: float) -> None:
-    one = Hardware(f"1×H100, LoRA, MFU {mfu:.0%}", 1, peak, mfu, link)
-    eight = Hardware(f"8×H100 FSDP full FT, MFU {mfu:.0%}", 8, peak, mfu, link)
+    one = Hardware(f"1×H100, MFU {mfu:.0%}", 1, peak, mfu, link)
+    eight = Hardware(f"8×H100 FSDP, MFU {mfu:.0%}", 8, peak, mfu, link)
     rows = []
     for name in ("mmada_ht", "dimoo_ht"):
         st = llada_step_from_config(name)
-        rows.append((f"{name} (r={st.lora_r}, T={st.seq_len}, G·B={st.images}, {st.sampler_passes} passes"
+        rows.append((f"{name}, LoRA r={st.lora_r} (T={st.seq_len}, G·B={st.images}, {st.sampler_passes} passes"
                      f"{' ×2 CFG' if st.cfg else ''}, K={len(st.update_head_positions)})",
                      llada_phase_flops(st), one, None, st.images))
         full = replace(st, lora_r=0)
-        rows.append((f"{name} full FT", llada_phase_flops(full), eight, fsdp_gather_bytes(full, 8), st.images))
+        rows.append((f"{name}, full fine-tuning", llada_phase_flops(full), eight, fsdp_gather_bytes(full, 8),
+                     st.images))
     hs = harmon_step_from_config("harmon_mar_grpo")
     hf = harmon_phase_flops(hs)
-    rows.append((f"harmon_mar_grpo (G·B={hs.images}, {hs.ar_steps} AR × {hs.head_steps} head steps, "
-                 f"{hs.train_ar_steps} trained)", hf, one, None, hs.images))
-    rows.append(("harmon_mar_grpo", hf, replace(eight, name=f"8×H100 FSDP, MFU {mfu:.0%}"), None, hs.images))
-    print(f"Predicted seconds per rollout step at {mfu:.0%} MFU of {peak:.0f} TFLOP/s per GPU "
-          f"(FSDP traffic at {link:.0f} GB/s, overlapped)")
+    label = (f"harmon_mar_grpo, MAR trained (G·B={hs.images}, {hs.ar_steps} AR × {hs.head_steps} head steps, "
+             f"{hs.train_ar_steps} trained, MTE S={hs.mte_trajectories})")
+    rows.append((label, hf, one, None, hs.images))
+    # Harmon's trained MAR is 0.9 B parameters: its FSDP traffic (one gather per AR step) is small; not modelled.
+    rows.append(("harmon_mar_grpo", hf, eight, None, hs.images))
+    print(f"Predicted seconds per rollout step at {mfu:.0%} MFU of {peak:.0f} TFLOP/s per GPU; per-device batch "
+          f"(data.batch_size) on every GPU; FSDP all-gather / reduce-scatter traffic of the 8B blocks at {link:.0f} "
+          f"GB/s, overlapped with compute (phase = max of the two)")
     print(table(rows))
 
 
@@ -461,22 +495,23 @@ def default_tables(mfu: float, peak: float, link: float) -> None:
 # Self-check on CPU
 # ----------------------------------------------------------------------------------------------------------------
 
-SELF_CHECK = dict(d_model=384, n_layers=2, n_heads=6, mlp_ratio=3.0, prompts=2, generations=4, sampler_steps=6,
+SELF_CHECK = dict(d_model=768, n_layers=2, n_heads=12, mlp_ratio=3.0, prompts=1, generations=4, sampler_steps=4,
                   lora_r=16, steps=2)
-"""Reduced size: a ShapesWorld LLaDA policy (T = 296, N = 256 image tokens) wide enough that matmuls dominate."""
+"""Reduced size: a ShapesWorld LLaDA policy (T = 301, N = 256 image tokens) wide enough that matmuls dominate."""
 
 
-def matmul_flops_per_s(rows: int, d_in: int, d_out: int, repeats: int = 3) -> float:
-    """This process's achieved FLOP/s on a float32 (rows × d_in) @ (d_in × d_out) matmul, median of ``repeats``."""
+def matmul_flops_per_s(rows: int, d_in: int, d_out: int, repeats: int = 3, clock=time.perf_counter) -> float:
+    """This process's achieved FLOP/s on a float32 (rows × d_in) @ (d_in × d_out) matmul, median of ``repeats``
+    timed with ``clock`` (wall clock by default; ``time.process_time`` for CPU seconds)."""
     import torch
 
     a, b = torch.randn(rows, d_in), torch.randn(d_in, d_out)
     a @ b
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         a @ b
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return linear_flops(rows, d_in, d_out) / statistics.median(times)
 
 
@@ -509,43 +544,42 @@ def self_check(tolerance: float = 0.2) -> bool:
     rates: dict[str, list[float]] = {"rollout": [], "old_ref": [], "update": []}
     measured: list[dict[str, float]] = []
 
-    calibration_s = {"rollout": 0.0, "update": 0.0}  # seconds spent calibrating inside each HTGRPO timer
+    def calibrate(phase: str, rows: int) -> None:
+        rates[phase].append(matmul_flops_per_s(rows, D, F, clock=time.process_time))
 
-    def calibrate(phase: str, rows: int, timer: str) -> None:
-        t0 = time.perf_counter()
-        rates[phase].append(matmul_flops_per_s(rows, D, F))
-        calibration_s[timer] += time.perf_counter() - t0
+    def timed(phase: str, fn, *args):
+        """Run fn, adding its CPU seconds to this step's ``phase`` (the rl_step.py phase boundaries)."""
+        t0 = time.process_time()
+        out = fn(*args)
+        measured[-1][phase] += time.process_time() - t0
+        return out
 
     class Timed(HTGRPO):
-        """HTGRPO whose step also times the old/ref passes apart from the K updates (``_plan_s``)."""
+        """HTGRPO whose phases (rollout, old/ref passes, K updates) are timed in process CPU seconds, each after a
+        matmul calibration of this process's FLOP/s."""
 
         def rollout(self, batch, scorer=None):
-            calibration_s.update(rollout=0.0, update=0.0)
-            calibrate("rollout", 2 * images * layout.seq_len, "rollout")
-            return super().rollout(batch, scorer)
+            measured.append({"rollout": 0.0, "old_ref": 0.0, "update": 0.0})
+            calibrate("rollout", 2 * images * layout.seq_len)
+            return timed("rollout", super().rollout, batch, scorer)
 
         def plan_inner_iterations(self, scored):
-            calibrate("old_ref", images * layout.seq_len, "update")
-            t0 = time.perf_counter()
-            out = super().plan_inner_iterations(scored)
-            self._plan_s = time.perf_counter() - t0
-            calibrate("update", images * layout.seq_len, "update")
+            calibrate("old_ref", images * layout.seq_len)
+            out = timed("old_ref", super().plan_inner_iterations, scored)
+            calibrate("update", images * layout.seq_len)
             return out
+
+        def inner_update(self, scored, it):
+            return timed("update", super().inner_update, scored, it)
 
     module = Timed(policy, ShapesPromptReward(world, "partial"), num_generations=c["generations"],
                    sampler=SamplerSettings(name="emerge", num_steps=c["sampler_steps"], guidance_scale=3.0),
                    lr=1e-5, beta=0.01)
 
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            t = dict(pl_module.last_timings)
-            measured.append({"rollout": t["rollout"] - calibration_s["rollout"], "old_ref": pl_module._plan_s,
-                             "update": t["update"] - pl_module._plan_s - calibration_s["update"]})
-
     data = PromptDataModule(ShapesPromptStream(world, seed=0), batch_size=c["prompts"])
     trainer = L.Trainer(max_epochs=1, limit_train_batches=c["steps"], limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", callbacks=[Record()])
+                        accelerator="cpu")
     trainer.fit(module, datamodule=data)
 
     shape = ModelShape(d_model=D, n_layers=c["n_layers"], n_heads=c["n_heads"], mlp_hidden=F,
@@ -563,9 +597,11 @@ def self_check(tolerance: float = 0.2) -> bool:
           f", LoRA r={c['lora_r']} + checkpointing, {images} images, {c['sampler_steps']} emerge steps with CFG, K=6; "
           f"CPU, torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average "
           f"{os.getloadavg()[0]:.1f}")
-    print("The CPU's FLOP/s is calibrated in this process (a float32 matmul of the model's (b·T × D) @ (D × F) shape,"
-          " measured before each phase), so the comparison is about the FLOP count, not the machine's load.")
-    print("| phase | GFLOP | calibrated GFLOP/s | predicted s | measured s | error |\n|---|---|---|---|---|---|")
+    print("The CPU's FLOP/s is calibrated in this process (a float32 matmul of the model's (b·T × D) @ (D × F) "
+          "shape, measured before each phase) and both it and the phases are timed in process CPU seconds, so the "
+          "comparison is about the FLOP count, not the machine's load (other processes only stretch wall time).")
+    print("| phase | GFLOP | calibrated GFLOP/CPU-s | predicted CPU s | measured CPU s | error |\n"
+          "|---|---|---|---|---|---|")
     ok = True
     tot_pred = tot_meas = 0.0
     for phase in ("rollout", "old_ref", "update"):

@@ -14,7 +14,8 @@ This base holds everything that is not the algorithm itself:
   (seed, rank, rollout step, stream), saved in checkpoints so a resumed run repeats an uninterrupted one exactly;
 * the reward call through :func:`htgrpo.rewards.base.safe_score` (a failing scorer gives NaN, counted in
   ``train/nonfinite_rewards``; the reward's components are logged as ``train/reward/<name>``);
-* the AdamW optimiser with its linear warm-up, and clip-and-step through the strategy's own mechanism
+* the AdamW optimiser with its linear warm-up and learning-rate schedule (:mod:`htgrpo.algorithms.lr_schedule`;
+  the rate is logged as ``lr``), and clip-and-step through the strategy's own mechanism
   (:func:`htgrpo.strategies.clip_and_step`);
 * the step-log entries every GRPO module writes (reward statistics, update statistics, timings, throughput).
 """
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from htgrpo.algorithms.base import PolicyModule
+from htgrpo.algorithms.lr_schedule import lr_decay_factor, validate_lr_schedule, warmup_factor
 from htgrpo.algorithms.grpo_math import LOSS_TYPES, SCALE_REWARDS, GroupAdvantages, group_advantages
 from htgrpo.config import require, require_choice, require_range
 from htgrpo.evaluation.benchmark import Benchmark
@@ -107,6 +109,9 @@ class GRPOModule(PolicyModule):
         max_grad_norm: gradient-norm clip per update (0 disables clipping; the norm is still logged).
         seed: seed of every random draw of a step (combined with rank and rollout step).
         val_seed: validation sampling noise.
+        lr_schedule, lr_min_ratio, lr_decay_batches: decay of the rate over rollout batches
+            (:mod:`htgrpo.algorithms.lr_schedule`): ``constant`` | ``linear`` | ``cosine`` down to ``lr_min_ratio · lr``
+            over ``lr_decay_batches`` batches (None: the run's training batches).
     """
 
     #: key of this module's state in a Lightning checkpoint (kept per module so older checkpoints still load).
@@ -142,6 +147,9 @@ class GRPOModule(PolicyModule):
         max_grad_norm: float,
         seed: int,
         val_seed: int,
+        lr_schedule: str = "constant",
+        lr_min_ratio: float = 0.0,
+        lr_decay_batches: int | None = None,
     ):
         super().__init__(policy, benchmark, sampler, val_seed)
         self.automatic_optimization = False
@@ -169,6 +177,8 @@ class GRPOModule(PolicyModule):
         self.betas = tuple(float(b) for b in betas)
         self.warmup_steps, self.max_grad_norm = int(warmup_steps), float(max_grad_norm)
         self.seed = int(seed)
+        self.lr_schedule, self.lr_min_ratio, self.lr_decay_batches = validate_lr_schedule(
+            lr_schedule, lr_min_ratio, lr_decay_batches)
 
         # The frozen reference: a copy of the starting policy (skipped when beta = 0). Frozen parameters are never
         # given to the optimiser, and sharding strategies leave it unwrapped (htgrpo.strategies).
@@ -294,9 +304,51 @@ class GRPOModule(PolicyModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         warmup = self.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                      lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        # lr(u) = lr · warmup(u) · decay(rollout batch); decay is exactly 1.0 under `constant` (bit-for-bit the old rate)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: warmup_factor(u, warmup) * self.lr_decay())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_decay_total_batches(self) -> int:
+        """``T`` of the decay: ``lr_decay_batches``, else the run's training batches (``trainer.num_training_batches``
+        x ``trainer.max_epochs``, i.e. ``trainer.limit_train_batches`` rollout batches in the shapes experiments)."""
+        if self.lr_decay_batches is not None:
+            return self.lr_decay_batches
+        trainer = self._trainer
+        per_epoch = float(trainer.num_training_batches) if trainer is not None else math.inf
+        epochs = float(trainer.max_epochs) if trainer is not None and (trainer.max_epochs or -1) > 0 else math.inf
+        total = per_epoch * epochs
+        if not math.isfinite(total) or total < 1:
+            from htgrpo.config import ConfigError
+
+            raise ConfigError("lr_decay_batches", f"lr_schedule={self.lr_schedule} needs the run's length in rollout "
+                                                  "batches: set algorithm.lr_decay_batches (the trainer gives none)")
+        return int(total)
+
+    def lr_decay(self) -> float:
+        """``decay(t)`` of the current rollout batch ``t`` (1.0 for ``constant``)."""
+        if self.lr_schedule == "constant":
+            return 1.0
+        # batch 0 has progress 0 whatever T is; LambdaLR evaluates it in configure_optimizers, before the trainer
+        # knows the number of batches (on_train_start checks T)
+        total = self.lr_decay_total_batches() if self.rollout_step > 0 else 1
+        return lr_decay_factor(self.rollout_step, total, self.lr_schedule, self.lr_min_ratio)
+
+    def on_train_start(self) -> None:
+        if self.lr_schedule != "constant":
+            self.lr_decay_total_batches()  # fails here, before the first rollout, when the run's length is unknown
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The scheduler steps after each update, while the rollout counter moves at the end of a batch: set the rate
+        # of this batch's first update from the batch it is in (a no-op under `constant`), then log it.
+        scheduler = self.lr_schedulers()
+        if scheduler is None:
+            return
+        if self.lr_schedule != "constant":
+            rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+            for group, rate in zip(scheduler.optimizer.param_groups, rates):
+                pass
+            scheduler._last_lr = rates  # what get_last_lr() reports
+        self.log("lr", float(scheduler.optimizer.param_groups[0]["lr"]), prog_bar=False, batch_size=1)
 
     def clip_and_step(self, optimizer: Any) -> float:
         """Clip the accumulated gradients to ``max_grad_norm`` (0: no clipping), step the optimiser and the

@@ -82,6 +82,8 @@ class HTGRPO(GRPOModule):
         credit: ``{kind: binary|soft|uniform, alpha, gamma, normalize}``.
         stages: ``{n_global, n_struct, n_refine, mode: inner|outer, scored_fraction: ρ}``.
         lr, weight_decay, betas, warmup_steps: AdamW and its linear warm-up (in optimiser updates).
+        lr_schedule, lr_min_ratio, lr_decay_batches: decay of the rate over rollout batches
+            (:mod:`htgrpo.algorithms.lr_schedule`; constant by default).
         max_grad_norm: gradient-norm clip per update (0 disables).
         micro_batch_size: images per forward/backward in the updates (None = the whole rollout batch).
         overlap_scoring: ``auto`` | ``true`` | ``false``: score rollout chunk i on a background thread while chunk
@@ -122,12 +124,16 @@ class HTGRPO(GRPOModule):
         overlap_scoring: str | bool = "auto",
         seed: int = 0,
         val_seed: int = 1234,
+        lr_schedule: str = "constant",
+        lr_min_ratio: float = 0.0,
+        lr_decay_batches: int | None = None,
     ):
         # Common keys, reference policy, rollout counter (grpo_base.GRPOModule): validated there with their names.
         super().__init__(policy, reward, benchmark, sampler, rollout_sampler, num_generations=num_generations,
                          scale_rewards=scale_rewards, beta=beta, epsilon=epsilon, epsilon_high=epsilon_high,
                          loss_type=loss_type, lr=lr, weight_decay=weight_decay, betas=betas,
-                         warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, seed=seed, val_seed=val_seed)
+                         warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, seed=seed, val_seed=val_seed,
+                         lr_schedule=lr_schedule, lr_min_ratio=lr_min_ratio, lr_decay_batches=lr_decay_batches)
 
         # --- validate every HT-GRPO key up front: a bad value fails at start-up with its name -------------------
         require(micro_batch_size is None or int(micro_batch_size) >= 1, "micro_batch_size",

@@ -252,6 +252,8 @@ class MARGRPO(GRPOModule):
         freeze_conditioner: keep the caption encoder fixed (Harmon's frozen LLM).
         quirks: the released code's inconsistencies, each off by default (module docstring).
         lr, weight_decay, betas, warmup_steps, max_grad_norm: AdamW (release: 1e-6, 0, (0.9, 0.999), 0, 1.0).
+        lr_schedule, lr_min_ratio, lr_decay_batches: decay of the rate over rollout batches
+            (:mod:`htgrpo.algorithms.lr_schedule`; constant by default).
         seed: seed of every random draw (combined with rank and rollout step).
         val_seed: validation sampling noise.
     """
@@ -291,6 +293,9 @@ class MARGRPO(GRPOModule):
         max_grad_norm: float = 1.0,
         seed: int = 0,
         val_seed: int = 1234,
+        lr_schedule: str = "constant",
+        lr_min_ratio: float = 0.0,
+        lr_decay_batches: int | None = None,
     ):
         require_mar_sampler(sampler, "sampler")
         require_mar_sampler(rollout_sampler, "rollout_sampler")
@@ -301,7 +306,8 @@ class MARGRPO(GRPOModule):
         super().__init__(policy, reward, benchmark, sampler or MARSamplerSettings(), rollout_sampler,
                          num_generations=num_generations, scale_rewards=scale_rewards, beta=beta, epsilon=epsilon,
                          epsilon_high=epsilon_high, loss_type=loss_type, lr=lr, weight_decay=weight_decay, betas=betas,
-                         warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, seed=seed, val_seed=val_seed)
+                         warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, seed=seed, val_seed=val_seed,
+                         lr_schedule=lr_schedule, lr_min_ratio=lr_min_ratio, lr_decay_batches=lr_decay_batches)
 
         # --- validate every MAR-GRPO key up front: a bad value fails at start-up with its name --------------------
         require_choice(ratio_mode, RATIO_MODES, "ratio_mode")

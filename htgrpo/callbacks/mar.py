@@ -1,5 +1,5 @@
-"""TensorBoard histograms of MAR-GRPO's token selection: MTE uncertainty and which tokens MTE and the consistency
-test keep.
+"""Histograms of MAR-GRPO's token selection: MTE uncertainty and which tokens MTE and the consistency test keep
+(to TensorBoard and W&B; MLflow gets summary metrics instead, see :mod:`htgrpo.callbacks.loggers`).
 
 Reads what :class:`~htgrpo.algorithms.mar_grpo.MARGRPO` leaves after each training step (``last_selection``, a
 :class:`~htgrpo.algorithms.mar_grpo.MARSelectionRecord`, and ``last_update_stats``), so training never depends on
@@ -14,11 +14,11 @@ from typing import Any
 import lightning as L
 import torch
 
-from htgrpo.callbacks.rl import _tensorboard
+from htgrpo.callbacks.loggers import histogram_backends, log_histograms
 
 
 class MARSelectionHistograms(L.Callback):
-    """Every ``every_n_steps`` rollout steps, write TensorBoard histograms:
+    """Every ``every_n_steps`` rollout steps, write histograms (to each logger that takes them):
 
     - ``mar/uncertainty/all``: MTE token uncertainty (std over the S chains) of every generated token;
     - ``mar/uncertainty/mte_kept``: … of the top-k % tokens MTE keeps (they use the chain-averaged term);
@@ -65,8 +65,7 @@ class MARSelectionHistograms(L.Callback):
         step = int(getattr(pl_module, "rollout_step", trainer.global_step))
         if (step - 1) % self.every_n_steps:
             return
-        tb = _tensorboard(trainer)
-        if tb is None or not trainer.is_global_zero:
+        backends = histogram_backends(trainer)
+        if not backends or not trainer.is_global_zero:
             return
-        for tag, values in self.histograms(pl_module).items():
-            tb.add_histogram(tag, values, trainer.global_step)
+        log_histograms(backends, self.histograms(pl_module), trainer.global_step)

@@ -1,4 +1,5 @@
-"""Callbacks of the RL modules: the Sketch-Then-Paint stage log and per-stage credit histograms (TensorBoard).
+"""Callbacks of the RL modules: the Sketch-Then-Paint stage log and per-stage credit histograms (TensorBoard and
+Weights & Biases histograms, MLflow summary metrics: :mod:`htgrpo.callbacks.loggers`).
 
 Both read what :class:`~htgrpo.algorithms.ht_grpo.HTGRPO` leaves after each training step
 (``last_update_stats``: one :class:`~htgrpo.algorithms.rollout.UpdateStats` per inner update), so training itself
@@ -12,20 +13,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from htgrpo.algorithms.credit import Stage
+from htgrpo.callbacks.loggers import histogram_backends, log_histograms
 
 log = logging.getLogger(__name__)
 
 STAGE_INDEX = {Stage.GLOBAL: 0, Stage.STRUCTURE: 1, Stage.REFINE: 2}
-
-
-def _tensorboard(trainer: L.Trainer) -> Any | None:
-    for lg in trainer.loggers:
-        if isinstance(lg, TensorBoardLogger):
-            return lg.experiment
-    return None
 
 
 class SketchThenPaint(L.Callback):
@@ -57,7 +51,8 @@ class SketchThenPaint(L.Callback):
 
 
 class CreditHistograms(L.Callback):
-    """TensorBoard histograms per stage, every ``every_n_steps`` rollout steps.
+    """Histograms per stage, every ``every_n_steps`` rollout steps, to each logger that takes them (TensorBoard,
+    W&B; MLflow gets their summary statistics instead, see :mod:`htgrpo.callbacks.loggers`).
 
     Tags (``<stage>`` is ``global``, ``structure`` or ``refine``):
     ``credit/<stage>/weights`` (credit weight w of the scored tokens), ``credit/<stage>/token_advantages`` (Â),
@@ -83,18 +78,19 @@ class CreditHistograms(L.Callback):
         step = int(getattr(pl_module, "rollout_step", trainer.global_step))
         if not updates or (step - 1) % self.every_n_steps:
             return
-        tb = _tensorboard(trainer)
-        if tb is None or not trainer.is_global_zero:
+        backends = histogram_backends(trainer)
+        if not backends or not trainer.is_global_zero:
             return
-        gs = trainer.global_step
+        log_histograms(backends, self.histograms(updates), trainer.global_step)
+
+    def histograms(self, updates: list[Any]) -> dict[str, torch.Tensor]:
+        """Tag -> values of one step's inner updates (empty ones left out)."""
+        out: dict[str, torch.Tensor] = {}
         for stage in Stage:
             mine = [u for u in updates if u.stage == stage]
             if not mine:
                 continue
             for name, attr in (("weights", "credit"), ("token_advantages", "token_advantages"), ("ratios", "ratios")):
-                values = self._cap(torch.cat([getattr(u, attr).reshape(-1) for u in mine]))
-                if values.numel():
-                    tb.add_histogram(f"credit/{stage.value}/{name}", values, gs)
-        steps = self._cap(updates[0].structure_commit_steps)
-        if steps.numel():
-            tb.add_histogram("credit/structure_decode_steps", steps, gs)
+                out[f"credit/{stage.value}/{name}"] = self._cap(torch.cat([getattr(u, attr).reshape(-1) for u in mine]))
+        out["credit/structure_decode_steps"] = self._cap(updates[0].structure_commit_steps)
+        return {tag: values for tag, values in out.items() if values.numel()}

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from htgrpo.data.records import (
-    _GENEVAL_EXAMPLE,
+    GENEVAL_RECORD_EXAMPLE,
     DPG_CSV_COLUMNS,
     BenchmarkPrompt,
     DPGItem,
@@ -165,7 +165,7 @@ def load_geneval_metadata(path: PathLike) -> list[GenEvalRecord]:
             obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as e:
             raise MetadataError(
-                f"{source}: invalid JSON ({e}); expected one JSON object per line, e.g. {_GENEVAL_EXAMPLE}"
+                f"{source}: invalid JSON ({e}); expected one JSON object per line, e.g. {GENEVAL_RECORD_EXAMPLE}"
             ) from None
         except _DuplicateKey as e:
             raise _error(source, e.key, "the key twice in one object", "each key once", "remove the duplicate") from None

@@ -10,8 +10,11 @@ are the same Python object and go through the same scorer.
        "include": [{"class": "cake", "count": 1},
                    {"class": "dog", "count": 1, "position": ["right of", 0]}]}
 
-  ``exclude`` is present only on counting rows.
-* DPG-Bench (CSV, one row per question) with the columns ``DPG_CSV_COLUMNS``.
+  ``exclude`` is present only on counting rows. :func:`parse_geneval_record` builds a record from such an object
+  and checks its schema strictly (the file readers in :mod:`htgrpo.data.loaders` and the reward server's wire format
+  both use it).
+* DPG-Bench (CSV, one row per question) with the columns ``DPG_CSV_COLUMNS``; each proposition's DSG tuple string is
+  written and read by :func:`format_tuple` / :func:`parse_tuple`.
 """
 
 from __future__ import annotations
@@ -183,10 +186,11 @@ class BenchmarkPrompt:
 _RECORD_KEYS = ("tag", "include", "exclude", "prompt")
 _INCLUDE_KEYS = ("class", "count", "color", "position")
 _EXCLUDE_KEYS = ("class", "count")
-_GENEVAL_EXAMPLE = (
+GENEVAL_RECORD_EXAMPLE = (
     '{"tag": "position", "include": [{"class": "cake", "count": 1}, '
     '{"class": "dog", "count": 1, "position": ["right of", 0]}], "prompt": "a photo of a dog right of a cake"}'
 )
+"""One valid GenEval metadata line, quoted in error messages."""
 
 
 def found_text(value: Any) -> str:
@@ -292,7 +296,7 @@ def parse_geneval_record(obj: dict, source: str) -> GenEvalRecord:
             and what is expected.
     """
     if not isinstance(obj, dict):
-        raise schema_error(source, "<record>", found_text(obj), f"a JSON object like {_GENEVAL_EXAMPLE}")
+        raise schema_error(source, "<record>", found_text(obj), f"a JSON object like {GENEVAL_RECORD_EXAMPLE}")
     for k in obj:
         if k not in _RECORD_KEYS:
             raise schema_error(

@@ -13,7 +13,9 @@ import torch
 from htgrpo.config import require, require_choice
 from htgrpo.data.records import BenchmarkPrompt
 from htgrpo.policies.masked_diffusion import MaskedDiffusionPolicy
+from htgrpo.policies.ml_cache import CACHES, MaxLogitCacheLogits, MLCacheSettings
 from htgrpo.policies.sampling import COUNT_RULES
+from htgrpo.policies.t2i_layout import MASKED
 
 SAMPLERS = ("maskgit", "emerge")
 
@@ -37,6 +39,10 @@ class SamplerSettings:
             (:func:`~htgrpo.policies.sampling.maskgit_commit_counts`): ``float64`` (math in float64; ``maskgit``),
             ``mmada`` (MMaDA's float32 CPU arithmetic; a lone masked token waits for the last step) or ``dimoo``
             (DiMOO's float32 arithmetic on the model's device; a lone masked token is committed at once).
+        cache: ``none`` (exact) or ``ml_cache``: Lumina-DiMOO's max-logit cache (:mod:`htgrpo.policies.ml_cache`),
+            LLaDA-architecture policies only; its knobs ``cache_ratio`` (share of positions reused on a cached
+            step), ``warmup_ratio`` (share of the first steps computed in full) and ``refresh_interval`` (a full
+            step every that many after the warm-up) have DiMOO's released defaults 0.9, 0.3, 5.
     """
 
     name: str = "maskgit"
@@ -47,6 +53,10 @@ class SamplerSettings:
     noise_anneal: str = "linear"
     choice_temperature: float | None = None
     count_rule: str = "float64"
+    cache: str = "none"
+    cache_ratio: float = 0.9
+    warmup_ratio: float = 0.3
+    refresh_interval: int = 5
 
     def __post_init__(self) -> None:
         require_choice(self.name, SAMPLERS, "name")
@@ -58,6 +68,11 @@ class SamplerSettings:
         require_choice(self.count_rule, COUNT_RULES, "count_rule")
         require(self.choice_temperature is None or float(self.choice_temperature) >= 0, "choice_temperature",
                 f"must be >= 0 or null, got {self.choice_temperature}")
+        require_choice(self.cache, CACHES, "cache")
+        self.ml_cache_settings()  # validates cache_ratio, warmup_ratio, refresh_interval (errors name the key)
+
+    def ml_cache_settings(self) -> MLCacheSettings:
+        return MLCacheSettings(float(self.cache_ratio), float(self.warmup_ratio), self.refresh_interval)
 
     def sample(self, policy, prompt_tokens, generator: torch.Generator | None = None):
         """Run the configured sampler; returns ``SampledImageTokens``."""
@@ -65,6 +80,14 @@ class SamplerSettings:
 
         fn = maskgit_sample if self.name == "maskgit" else emerge_sample
         kwargs = dict(num_steps=int(self.num_steps), guidance_scale=float(self.guidance_scale), generator=generator)
+        if self.cache == "ml_cache":
+            # the cached logits stand in for the policy: the sampler gets a logits_fn and the fully masked canvas
+            require(hasattr(policy, "guided_image_logits") and hasattr(policy, "layout"), "cache",
+                    f"ml_cache needs a LLaDA-architecture masked-diffusion policy, got {type(policy).__name__}")
+            logits_fn = MaxLogitCacheLogits(policy, prompt_tokens, int(self.num_steps), self.ml_cache_settings())
+            canvas = torch.full((prompt_tokens.batch_size, policy.num_image_tokens), MASKED, dtype=torch.long,
+                                device=policy.device)
+            policy, prompt_tokens = logits_fn, canvas
         if self.name == "maskgit":
             kwargs.update(temperature=float(self.temperature), schedule=self.schedule, noise_anneal=self.noise_anneal,
                           choice_temperature=self.choice_temperature, count_rule=self.count_rule)

@@ -253,20 +253,6 @@ def restore_frozen_weights(module: nn.Module, checkpoint: dict[str, Any]) -> Non
         module._htgrpo_trainable_snapshot = {n: state[n].detach().clone() for n in trainable if n in state}
 
 
-def load_policy_weights(policy: nn.Module, weights: Mapping[str, torch.Tensor], key: str = "ckpt_path") -> None:
-    """Load ``policy.*`` weights from a fit checkpoint into a built policy; adapter-only (LoRA) checkpoints keep the
-    policy's own frozen base weights. Every trainable/adapter weight must be present; unknown names are errors."""
-    frozen = frozen_parameter_names(policy) if is_lora(policy) else set()
-    result = policy.load_state_dict(dict(weights), strict=False)
-    missing = [k for k in result.missing_keys if k not in frozen]
-    if missing or result.unexpected_keys:
-        hint = ""
-        if any(".lora_" in k for k in list(weights)) and not is_lora(policy):
-            hint = " (the checkpoint has LoRA adapters: set policy.lora.r and the rest of policy.lora as in training)"
-        raise ConfigError(key, f"weights do not fit the policy: missing {missing[:5]}{'...' if len(missing) > 5 else ''}"
-                               f", unexpected {result.unexpected_keys[:5]}{hint}")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Precision
 # ----------------------------------------------------------------------------------------------------------------
@@ -340,11 +326,8 @@ def parameter_counts(policy: nn.Module) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Export and loading of adapter folders
+# Export of adapter folders (loading them, and every other checkpoint kind: htgrpo.checkpoints)
 # ----------------------------------------------------------------------------------------------------------------
-
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-
 
 def save_adapter(policy: nn.Module, directory: str | os.PathLike) -> None:
     """peft's adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors`` (adapter weights only).
@@ -363,18 +346,4 @@ def merge_lora(policy: nn.Module) -> nn.Module:
     ``LLaDAModelLM`` again, so ``policy.save_pretrained`` writes a full model folder (config.json + safetensors)."""
     if is_lora(policy):
         policy.backbone = policy.backbone.merge_and_unload()
-    return policy
-
-
-def is_adapter_folder(directory: str | os.PathLike) -> bool:
-    return os.path.isfile(os.path.join(str(directory), ADAPTER_CONFIG_FILE))
-
-
-def load_adapter(policy: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> nn.Module:
-    """Put the adapter folder ``directory`` (written by :func:`save_adapter`) on a policy built without LoRA."""
-    from peft import PeftModel
-
-    if is_lora(policy):
-        raise ConfigError("policy.lora.r", "load an adapter folder into a policy built with lora.r=0")
-    policy.backbone = PeftModel.from_pretrained(policy.backbone, str(directory), is_trainable=trainable)
     return policy

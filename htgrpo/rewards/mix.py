@@ -63,6 +63,22 @@ class MixReward(Reward):
             self.weights[str(name)] = weight
             self.parts[str(name)] = _build_part(spec["reward"], f"{key}.reward")
 
+    @property
+    def max_failed_batches(self) -> int:  # type: ignore[override]
+        """The smallest positive ``max_failed_batches`` of the parts (0 when none sets one): a mix holding a served
+        reward stops the run when that server stays down, as the served reward alone would."""
+        limits = [int(getattr(part, "max_failed_batches", 0) or 0) for part in self.parts.values()]
+        return min((n for n in limits if n > 0), default=0)
+
+    def check_ready(self) -> None:
+        """Each part's start-up check (a served part checks its server), errors naming the part's key."""
+        from htgrpo.config import call_checked
+
+        for name, part in self.parts.items():
+            check = getattr(part, "check_ready", None)
+            if callable(check):
+                call_checked(check, f"components.{name}.reward")
+
     def score(self, images: Any, records: Sequence[Any]) -> RewardOutput:
         n = len(records)
         total = torch.zeros(n, dtype=torch.float32)

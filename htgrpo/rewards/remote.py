@@ -226,6 +226,15 @@ class RemoteReward(Reward):
         self._outage_lock = threading.Lock()
         self._failing_since: float | None = None
 
+    def __getstate__(self) -> dict[str, Any]:  # picklable (ddp_spawn pickles the module and its reward)
+        state = dict(self.__dict__)
+        state.pop("_outage_lock")
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._outage_lock = threading.Lock()
+
     def __repr__(self) -> str:  # never shows the token
         return f"RemoteReward(url={self.url!r}, token={'set' if self.token else 'none'})"
 

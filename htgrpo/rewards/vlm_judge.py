@@ -273,6 +273,7 @@ class VLMJudgeReward(Reward):
         self.extra_body = dict(extra_body or {})
         self.num_unparseable = 0      # replies that did not parse (NaN rewards), over this object's life
         self.num_failed_requests = 0  # requests that failed after every retry (NaN rewards)
+        self.last_failure: str | None = None  # the latest failure, quoted when max_failed_batches stops the run
         self._counter_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None  # created on first use, kept: no thread start-up per batch
         self.max_failed_batches = int(max_failed_batches)
@@ -409,12 +410,14 @@ class VLMJudgeReward(Reward):
         except (urllib.error.URLError, OSError, ValueError) as err:
             detail = f"HTTP {err.code}" if isinstance(err, urllib.error.HTTPError) else f"{type(err).__name__}: {err}"
             self._count("num_failed_requests")
+            self.last_failure = f"POST {self.base_url}/chat/completions failed after {self.retries} retries ({detail})"
             log.warning("vlm_judge: request to %s failed after %d retries (%s); the image's reward is NaN",
                         self.base_url, self.retries, detail)
             return math.nan, math.nan, True
         value, raw = self.parse_reply(reply)
         if value is None:
             self._count("num_unparseable")
+            self.last_failure = f"unparseable reply (parse={self.parse}): {reply.text[:200]!r}"
             log.warning("vlm_judge: unparseable reply (parse=%s, score_range=%s, %d so far): %r; the image's reward "
                         "is NaN", self.parse, list(self.score_range), self.num_unparseable, reply.text[:200])
             return math.nan, math.nan if raw is None else raw, False
