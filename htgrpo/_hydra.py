@@ -103,3 +103,25 @@ class RefuseSecretsInConfig(_HydraCallback):  # type: ignore[misc,valid-type]
                              "(Hydra writes every value into .hydra/*.yaml and fit logs the config). Put the token in "
                              "$HTGRPO_REWARD_TOKEN or a file (reward.token_file / serve.token_file); nothing was "
                              "written")
+
+
+def apply_num_threads(value: object, key: str = "num_threads") -> int | None:
+    """Set torch's intra-op CPU threads from the config key ``num_threads`` (``null``: leave torch's default).
+
+    ``torch.set_num_threads(n)`` at start-up, before any model is built, so a run does not depend on the caller's
+    ``OMP_NUM_THREADS``: the ShapesWorld experiments set 1, which reproduces their measured tables bit for bit (float
+    reductions split over several threads add in another order). Returns the value set (None when left alone).
+
+    Raises:
+        ConfigError: ``value`` is not null or an integer >= 1.
+    """
+    from htgrpo.config import ConfigError
+
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, f"must be null (torch's default) or an integer >= 1, got {value!r}")
+    import torch
+
+    torch.set_num_threads(int(value))
+    return int(value)

@@ -24,7 +24,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from htgrpo._hydra import config_dir, run_or_exit_on_config_error
+from htgrpo._hydra import apply_num_threads, config_dir, run_or_exit_on_config_error
 from htgrpo.checkpoints import resume_from
 from htgrpo.config import call_checked, instantiate_node
 from htgrpo.rewards.base import RewardUnavailableError
@@ -98,6 +98,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    apply_num_threads(cfg.get("num_threads"))  # before anything is built: the run's float reductions depend on it
     L.seed_everything(int(cfg.seed), workers=True)
     # A strategy that needs CUDA (DeepSpeed, accelerator=gpu) fails here, naming `trainer`, before anything is built.
     check_trainer_hardware(OmegaConf.to_container(cfg.trainer, resolve=True))

@@ -6,8 +6,8 @@ Checkpoints are made as the code that writes them makes them: a 1-rollout-step L
 ``.ckpt``), ``save_pretrained`` / ``save_adapter`` (policy, MAR and adapter folders), ``htgrpo.tiny_checkpoint``
 (released MMaDA / DiMOO / Harmon layouts), ``save_lth14_checkpoint`` (MAR ``.pth``), and for the FSDP folder the
 layout Lightning's ``FSDPStrategy.save_checkpoint`` writes (torch distributed checkpoint of ``{"model": ...}`` plus
-``meta.pt``). Real FSDP and DeepSpeed folders written by training runs are read through the same functions
-(``detect_checkpoint_kind``, ``read_training_state``, ``read_policy_weights``) in ``tests/test_strategies.py``.
+``meta.pt``); the DeepSpeed folder by a 1-step ZeRO-2 run on DeepSpeed's CPU accelerator. The FSDP folders of real
+training runs are read through the same functions in ``tests/test_strategies.py``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from htgrpo.data.datamodules import PromptDataModule
 from htgrpo.data.prompt_sets import ShapesPromptStream
 from htgrpo.policies.generators import SamplerSettings
 from test_ht_grpo import TINY_POLICY, brightness_reward
+from test_strategies import single_rank_group  # noqa: F401  (fixture: tears down the process group)
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -52,7 +53,8 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[name], sb[name]), name
 
 
-def fit_one_rollout_step(policy: torch.nn.Module, cfg, run_dir: Path) -> tuple[HTGRPO, L.Trainer, Path]:
+def fit_one_rollout_step(policy: torch.nn.Module, cfg, run_dir: Path, strategy="auto"
+                         ) -> tuple[HTGRPO, L.Trainer, Path]:
     """One HT-GRPO rollout step (3 updates) on the policy, checkpointed as fit does into RUN/checkpoints/last.ckpt,
     with the run's composed config in RUN/.hydra/config.yaml (what export and a LoRA .ckpt read)."""
     (run_dir / ".hydra").mkdir(parents=True)
@@ -62,8 +64,8 @@ def fit_one_rollout_step(policy: torch.nn.Module, cfg, run_dir: Path) -> tuple[H
                     stages={"n_global": 1, "n_struct": 1, "n_refine": 1}, lr=1e-2)
     trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(run_dir),
-                        accelerator="cpu", callbacks=[ModelCheckpoint(dirpath=str(run_dir / "checkpoints"),
-                                                                      save_last=True)])
+                        accelerator="cpu", devices=1, strategy=strategy, use_distributed_sampler=False,
+                        callbacks=[ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True)])
     trainer.fit(module, datamodule=PromptDataModule(ShapesPromptStream(instantiate_node(cfg, "world"), seed=5),
                                                     batch_size=2))
     return module, trainer, run_dir / "checkpoints" / "last.ckpt"
@@ -126,13 +128,18 @@ def test_fsdp_sharded_folder_loads_into_the_configs_policy(tmp_path, cfg):
     assert (loaded.training_state.global_step, loaded.training_state.epoch) == (7, 1)
 
 
-def test_deepspeed_folder_is_recognised_from_its_layout(tmp_path):
-    folder = tmp_path / "step000006.ckpt"  # engine.save_checkpoint(folder, tag="checkpoint"); loaded in test_strategies
-    (folder / "checkpoint").mkdir(parents=True)
-    (folder / "latest").write_text("checkpoint")
-    torch.save({"module": {}, "global_step": 6, "epoch": 0}, folder / "checkpoint" / "mp_rank_00_model_states.pt")
-    assert detect_checkpoint_kind(folder) == "deepspeed"
-    assert resume_from(folder).global_step == 6
+def test_deepspeed_folder_loads_into_the_configs_policy(tmp_path, cfg, single_rank_group):
+    pytest.importorskip("deepspeed")
+    from htgrpo.strategies import GRPODeepSpeedStrategy
+
+    module, trainer, folder = fit_one_rollout_step(instantiate_node(cfg, "policy"), cfg, tmp_path / "run",
+                                                   strategy=GRPODeepSpeedStrategy(stage=2, allow_cpu=True))
+    assert folder.is_dir() and detect_checkpoint_kind(folder) == "deepspeed"
+    loaded = load_checkpoint(folder, cfg)  # fp32 weights reassembled from the ZeRO partitions
+    assert loaded.training_state.global_step == trainer.global_step == 3
+    trained = module.policy.state_dict()
+    for name, value in loaded.policy.state_dict().items():
+        assert torch.allclose(value, trained[name].float(), atol=1e-6), name
 
 
 # ----------------------------------------------------------------------------------------------------------------

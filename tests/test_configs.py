@@ -83,6 +83,18 @@ def test_default_configs_compose(config_name, compose):
     assert cfg.benchmark.images_per_prompt == 4
 
 
+def test_shipped_world_is_the_geometry_its_docstring_names(compose):
+    """conf/world/shapes.yaml against the constructor call ShapesWorldConfig's docstring gives for it, and the
+    dataclass defaults against the 16-cell geometry the docstring says they are."""
+    from htgrpo.data.shapes.palette import ShapesWorldConfig
+
+    shipped = instantiate_node(compose("fit"), "world")
+    assert shipped == ShapesWorldConfig(grid_size=11, cell_px=10, max_object_size=5, large_size=5, position_step=6)
+    assert (ShapesWorldConfig().grid_size, ShapesWorldConfig().cell_px) == (16, 8)
+    assert "ShapesWorldConfig(grid_size=11, cell_px=10, max_object_size=5, large_size=5, position_step=6)" in (
+        ShapesWorldConfig.__doc__)
+
+
 def test_unknown_experiment_lists_the_available_ones(compose):
     with pytest.raises(MissingConfigException) as err:
         compose("fit", ["experiment=does_not_exist"])

@@ -6,7 +6,8 @@ Floors, lowest first (README "Architecture"):
 0. foundations: ``config`` (config errors and checks), ``_hydra`` (the conf/ tree), ``assets``, ``reward_http``
    (HTTP helpers shared by the reward server and its client);
 1. ``data``: records, benchmark files, ShapesWorld, prompt sets and data modules;
-2. ``policies``: generators, tokenizers, LoRA, released-checkpoint loaders; ``checkpoints`` (every checkpoint kind);
+2. ``policies``: generators, tokenizers, LoRA, released-checkpoint loaders; ``checkpoints`` (every checkpoint kind,
+   loaded into a policy); ``checkpoints`` (every checkpoint kind);
 3. ``rewards`` and ``evaluation``: scorers and benchmark metrics;
 4. ``algorithms`` and ``strategies`` (the FSDP / DeepSpeed plumbing the algorithms' clip-and-step calls);
 5. ``callbacks``;

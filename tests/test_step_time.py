@@ -143,3 +143,21 @@ def test_gpu_step_small_runs_on_cpu(tmp_path):
         assert phases[p]["tflop"] > 0 and phases[p]["mfu"] > 0
     assert report["precision"] == "32-true" and report["memory_model_update_bytes"] > 0
     assert (tmp_path / "r.json").exists()
+
+
+def test_harmon_and_fsdp_counts():
+    h = S.HarmonStep(name="h", images=1)
+    assert S.cosine_masked(1024, 0, 64) == 1024 and S.cosine_masked(1024, 32, 64) == 724  # 1024·cos(π/4)
+    assert S.harmon_head_flops(h, 1) == 12 * 10 * 1536 ** 2
+    # one transformer layer, one token, no context beyond itself: q,o 2·2·d², k,v 2·2·d·kv, SwiGLU 3·2·d·f, attn 4·d
+    assert S.transformer_layer_flops(1, 1, 1, 4, 8, 2, True) == 2 * 2 * 16 + 2 * 2 * 8 + 3 * 2 * 32 + 4 * 4
+    hs = S.harmon_step_from_config("harmon_mar_grpo")
+    assert (hs.images, hs.ar_steps, hs.head_steps, hs.train_ar_steps, hs.train_head_steps, hs.mte_trajectories) == \
+        (4, 64, 25, 12, 10, 5)
+    fl = S.harmon_phase_flops(hs)
+    assert fl.rollout > fl.update > 0 and fl.detail["mte"] < fl.rollout
+    st = S.llada_step_from_config("mmada_ht")
+    traffic = S.fsdp_gather_bytes(st, 8)
+    blocks = 32 * S.MMADA_8B.block_params()
+    assert traffic["rollout"] == pytest.approx(12 * 2 * blocks * 7 / 8)
+    assert traffic["update"] == pytest.approx(6 * (2 * 2 * blocks + 4 * blocks) * 7 / 8)

@@ -337,8 +337,8 @@ def test_deepspeed_cpu_clips_like_single_device_and_its_folder_resumes_and_evalu
     _same_updates(ref, tail, [1, 2])  # resume through the DeepSpeed folder continues with identical losses
 
 
-@pytest.mark.slow
 def test_deepspeed_zero3_refuses_a_second_backward_pass_before_a_step(tmp_path, single_rank_group):
+    """The run-time guard behind the start-up check above (a real ZeRO-3 engine on one CPU rank, ~20 s)."""
     pytest.importorskip("deepspeed")
     with pytest.raises(RuntimeError, match="deepspeed_zero3 takes one backward pass per optimiser step"):
         fit(make_module(micro_batch_size=3), tmp_path, 1, strategy=GRPODeepSpeedStrategy(stage=3, allow_cpu=True))

@@ -13,11 +13,16 @@ old/ref log-prob passes, the K updates): seconds, peak GPU memory, the step-time
 peak memory against the memory model (``memory.estimate`` of ``mmada_ht``, LoRA, one GPU).
 
 The device command (one line; the device image has torch, lightning, peft and transformers but not Hydra, so its
-three pure-Python wheels travel in ``.whl``; fetch them once here first with
-``python -m pip download --no-deps -d .whl hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3``
-and add ``/.whl/`` to ``.git/info/exclude``; carry ``.whl``; timeout 600 s, about 3-5 minutes expected on an H100)::
+three pure-Python packages travel in ``.whl``; fetch them once here first with
+``python -m pip download --no-deps -d .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3``
+(antlr4 4.9.3 is a source archive, hence ``--no-build-isolation`` below; checked here) and add ``/.whl/`` to
+``.git/info/exclude``; carry ``.whl``; timeout 600 s, about 3-5 minutes expected on an H100)::
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:. && set -o pipefail && PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 python3 experiments/benchmarks/gpu_step.py --steps 3 --out $OUT/gpu_step.json 2>&1 | tee $OUT/gpu_step.log
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/* && export PYTHONPATH=/tmp/site:. && set -o pipefail && PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 python3 experiments/benchmarks/gpu_step.py --steps 3 --out $OUT/gpu_step.json 2>&1 | tee $OUT/gpu_step.log
+
+Then the sampler benchmark, exact and cached, on the same GPU (same call or the same warm machine)::
+
+    PYTHONPATH=/tmp/site:. python3 experiments/benchmarks/sampler_speed.py --batch-size 16 --repeats 3 --out $OUT/sampler_speed.json 2>&1 | tee $OUT/sampler_speed.log
 
 ``--small`` runs the same path on CPU in seconds (a 2-layer d64 body, 64 px images, G = 3, 4 sampler steps,
 float32): the default test suite runs it (tests/test_step_time.py).

@@ -501,7 +501,10 @@ def _fault_run(root: Path, token: str, down_s: float | None, steps: int, extra: 
         if fit.poll() is None:
             fit.kill()
         server.kill()
-    run_dir = next((workdir / "logs" / "fit" / "runs").iterdir())
+    runs = sorted((workdir / "logs").glob("*/runs/*"))
+    if not runs:
+        raise RuntimeError(f"the fit left no run folder; its output:\n{(workdir / 'fit.log').read_text()[-3000:]}")
+    run_dir = runs[-1]
     metrics = run_dir / "csv" / "metrics.csv"
     rows = [r for r in csv.DictReader(open(metrics)) if r.get("train/nonfinite_rewards")] if metrics.exists() else []
     log_tail = (workdir / "fit.log").read_text().strip().splitlines()

@@ -10,12 +10,14 @@ fraction φ is S, the rest R). Then, per rollout:
 
 1. **S fixed**: R is resampled ``probe.resamples`` times given S (S visible to the model from the first step);
 2. **R fixed** (``probe.resample_structure``): S is resampled given R;
-3. **token influence** (``probe.token_influence``): each token is resampled alone, the rest fixed.
+3. **random set fixed** (``probe.random_control``): the control for 1, a uniformly random set of |S| positions is
+   held and the rest resampled: S matters beyond its size only if it explains more than this set;
+4. **token influence** (``probe.token_influence``): each token is resampled alone, the rest fixed.
 
 Every image is scored (``probe.score``: the benchmark's verdict, or the configured ``reward``). Per task the probe
 reports the share of the reward variance S explains (``Var(E[f|S]) / Var(f)``, a one-way random-effects ANOVA of
-experiment 1), the share R explains (experiment 2), and the share of single-token influence that falls in S
-against its chance level ``|S|/N``; 95% intervals bootstrap the prompts. The maths is in
+experiment 1), the share R explains (2), the share a random set of the same size explains (3), and the share
+of single-token influence that falls in S against its chance level ``|S|/N``; 95% intervals bootstrap the prompts. The maths is in
 :mod:`htgrpo.evaluation.structure_influence`. Written to the run folder (``hydra.run.dir``):
 ``structure_influence.json`` (settings, per-prompt tables, summary), ``structure_influence.md`` (the table) and
 ``structure_influence.png`` (the plot).
@@ -75,6 +77,7 @@ class ProbeSettings:
     fraction: float
     entropy_order: str
     resample_structure: bool
+    random_control: bool
     token_influence: bool
     batch_size: int
     bootstrap: int
@@ -96,7 +99,8 @@ class ProbeSettings:
             raise ConfigError("probe.partition.fraction", str(err)) from None
         return ProbeSettings(int(node.prompts_per_task), int(node.rollouts), int(node.resamples), str(node.score),
                              str(part.get("key")), fraction, str(part.get("entropy_order", "ascending")),
-                             bool(node.get("resample_structure", True)), bool(node.get("token_influence", True)),
+                             bool(node.get("resample_structure", True)), bool(node.get("random_control", True)),
+                             bool(node.get("token_influence", True)),
                              int(node.batch_size), int(node.bootstrap))
 
 
@@ -110,6 +114,7 @@ class PromptProbe:
     rollout_scores: np.ndarray            # (n,) score of each rollout
     structure_fixed: np.ndarray           # (n, M) scores with S held, R resampled
     refine_fixed: np.ndarray | None       # (n, M) scores with R held, S resampled
+    random_fixed: np.ndarray | None       # (n, M) scores with a random set of |S| positions held, the rest resampled
     influence: np.ndarray | None          # (n, N) |score change| when token j alone is resampled
     structure: np.ndarray                 # (n, N) bool, S of each rollout
 
@@ -119,6 +124,8 @@ class PromptProbe:
                "structure_size": self.structure.sum(1).tolist()}
         if self.refine_fixed is not None:
             out["refine_fixed"] = self.refine_fixed.tolist()
+        if self.random_fixed is not None:
+            out["random_fixed"] = self.random_fixed.tolist()
         if self.influence is not None:
             out["influence_in_structure"] = (self.influence * self.structure).sum(1).tolist()
             out["influence_total"] = self.influence.sum(1).tolist()
@@ -209,11 +216,18 @@ class Prober:
         if s.resample_structure:
             drawn = self.conditional(rep_tokens, rep_codes, ~rep_structure)
             refine_fixed = self.score(self.decode(drawn), prompt).reshape(n, m)
+        random_fixed = None
+        if s.random_control:  # per rollout, |S| positions drawn uniformly: the k smallest of iid uniforms
+            u = torch.rand(structure.shape, generator=self.generator, device=self.generator.device)
+            rank = u.argsort(1).argsort(1).to(structure.device)
+            random_set = rank < structure.sum(1, keepdim=True)
+            drawn = self.conditional(rep_tokens, rep_codes, random_set.repeat_interleave(m, 0))
+            random_fixed = self.score(self.decode(drawn), prompt).reshape(n, m)
         influence = None
         if s.token_influence:
             influence = np.stack([self.token_influence(tokens, codes[i], float(base[i]), prompt) for i in range(n)])
         return PromptProbe(prompt.group, str(prompt.key), prompt.prompt, base, structure_fixed, refine_fixed,
-                           influence, structure.cpu().numpy())
+                           random_fixed, influence, structure.cpu().numpy())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,7 +243,7 @@ def summarise(probes: list[PromptProbe], bootstrap: int, seed: int) -> list[dict
         row: dict[str, Any] = {"task": task, "prompts": len(chosen),
                                "mean_score": float(np.mean([p.rollout_scores.mean() for p in chosen])),
                                "rollout_variance": float(np.mean([p.rollout_scores.var(ddof=1) for p in chosen]))}
-        for name, attr in (("S", "structure_fixed"), ("R", "refine_fixed")):
+        for name, attr in (("S", "structure_fixed"), ("R", "refine_fixed"), ("random", "random_fixed")):
             tables = [getattr(p, attr) for p in chosen]
             if any(t is None for t in tables):
                 continue
@@ -264,13 +278,15 @@ def _fmt(value: float | None, ci: list[float] | None = None) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The summary as a markdown table."""
-    lines = ["| task | prompts | mean score | Var(f) of rollouts | share S: Var(E[f|S])/Var(f) | share R | neither alone "
-             "| influence in S | chance |S|/N | tokens that change f |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | prompts | mean score | Var(f) of rollouts | share S: Var(E[f|S])/Var(f) "
+             "| share of a random set of S's size | share R | 1 − share S − share R "
+             "| influence in S | chance (S tokens / N) | tokens that change f |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['task']} | {r['prompts']} | {r['mean_score']:.3f} | {r['rollout_variance']:.3f} "
-            f"| {_fmt(r.get('share_S'), r.get('share_S_ci'))} | {_fmt(r.get('share_R'), r.get('share_R_ci'))} "
+            f"| {_fmt(r.get('share_S'), r.get('share_S_ci'))} | {_fmt(r.get('share_random'), r.get('share_random_ci'))} "
+            f"| {_fmt(r.get('share_R'), r.get('share_R_ci'))} "
             f"| {_fmt(r.get('share_rest'))} | {_fmt(r.get('influence_share_S'), r.get('influence_share_S_ci'))} "
             f"| {_fmt(r.get('influence_chance'))} | {_fmt(r.get('tokens_changing_score'))} |")
     return "\n".join(lines)
@@ -286,9 +302,10 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     names = [r["task"] for r in rows]
     x = np.arange(len(rows))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    width = 0.38
-    for offset, (key, label) in zip((-width / 2, width / 2), (("share_S", "S held: Var(E[f|S])/Var(f)"),
-                                                              ("share_R", "R held: Var(E[f|R])/Var(f)"))):
+    width = 0.27
+    for offset, (key, label) in zip((-width, 0.0, width), (("share_S", "S held: Var(E[f|S])/Var(f)"),
+                                                           ("share_random", "random |S| positions held"),
+                                                           ("share_R", "R held: Var(E[f|R])/Var(f)"))):
         vals = np.array([r.get(key, np.nan) for r in rows], dtype=float)
         ci = np.array([r.get(f"{key}_ci", [np.nan, np.nan]) for r in rows], dtype=float)
         err = np.abs(np.stack([vals - ci[:, 0], ci[:, 1] - vals]))

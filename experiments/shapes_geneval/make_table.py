@@ -27,6 +27,7 @@ ORDER = ["Base (warm start)", "GRPO", "UniGRPO", "MaskGRPO", "TraceRL-style", "d
 START, END = "<!-- study-table:start -->", "<!-- study-table:end -->"
 MAR_START, MAR_END = "<!-- mar-study-table:start -->", "<!-- mar-study-table:end -->"  # optional: the MAR rows
 GAIN_START, GAIN_END = "<!-- study-gain:start -->", "<!-- study-gain:end -->"  # optional: gains, CIs, tests
+ABLATION_START, ABLATION_END = "<!-- ablation-gain:start -->", "<!-- ablation-gain:end -->"  # optional: ablations
 REFERENCE = "HT-GRPO"  # the method every other one is tested against
 
 
@@ -183,12 +184,15 @@ def render_gains(study: Path, reference: str = REFERENCE, resamples: int = 10000
     return "\n".join(lines)
 
 
-def write_gains(study: Path, readme: Path, resamples: int = 10000) -> str:
-    """Render the gain / significance table of ``study`` and put it between the README's gain markers (if any)."""
+def write_gains(study: Path, readme: Path, resamples: int = 10000,
+                markers: tuple[str, str] = (GAIN_START, GAIN_END)) -> str:
+    """Render the gain / significance table of ``study`` and put it between the README's ``markers`` (if there;
+    the ablation study uses ``ABLATION_START``/``ABLATION_END``)."""
     text = render_gains(study, resamples=resamples)
     doc = readme.read_text() if readme.exists() else ""
-    if GAIN_START in doc and GAIN_END in doc:
-        readme.write_text(_replace_between(doc, GAIN_START, GAIN_END, text))
+    start, end = markers
+    if start in doc and end in doc:
+        readme.write_text(_replace_between(doc, start, end, text))
     return text
 
 

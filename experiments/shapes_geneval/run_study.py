@@ -35,6 +35,18 @@ METHODS = {
     "HT-GRPO": "shapes_ht",
 }
 OPTIONAL_METHODS = {"d1": "shapes_d1", "Coupled-GRPO": "shapes_coupled"}
+# Which part of HT-GRPO matters (issue 21): the ablation rows, each tested against "HT-GRPO" (the full method) with a
+# paired interval. Run them into their own study folder (size the seeds and validation images with power.py first):
+#   run_study.py --study-name ablation --methods ABLATIONS --seeds ... --skip-dpg -- benchmark.images_per_prompt=...
+ABLATION_METHODS = {
+    "HT-GRPO no stages": "shapes_ht_nostages",             # one global stage over all tokens (credit on S kept)
+    "HT-GRPO random-mask estimator": "shapes_ht_randmask",  # UniGRPO's random-mask log-probs, stages and credit kept
+    "HT-GRPO alpha 0": "shapes_ht_alpha0",                  # no extra credit on S (stages kept)
+    "HT-GRPO alpha 2": "shapes_ht_alpha2",
+    "HT-GRPO alpha 0 phi 0.1": "shapes_ht_alpha0_phi01",    # the credit sweep's best cell
+}
+#: the whole ablation table: the full method, its ablations and the two baselines it is compared with
+ABLATIONS = ["HT-GRPO", *ABLATION_METHODS, "MaskGRPO", "GRPO"]
 # The toy MAR family (its own warm start, experiment=shapes_mar_pretrain); run them into their own study folder:
 #   run_study.py --study-name study_mar --methods "MAR-GRPO" "MAR-GRPO plain"
 MAR_METHODS = {"MAR-GRPO": "shapes_mar_grpo", "MAR-GRPO plain": "shapes_mar_grpo_plain"}
@@ -81,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--methods", nargs="+", default=list(METHODS),
-                    help=f"table names among {list(METHODS) + list(OPTIONAL_METHODS)}")
+                    help=f"table names among {list(METHODS) + list(OPTIONAL_METHODS) + list(ABLATION_METHODS)}; "
+                         "ABLATIONS = the ablation table's rows")
     ap.add_argument("--steps", type=int, default=None,
                     help="rollout batches per run (default: the experiments' trainer.limit_train_batches)")
     ap.add_argument("--log-dir", type=Path, default=default_log_dir(), help="runs go to LOG_DIR/STUDY_NAME/")
@@ -93,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dpg-images", type=int, default=4, help="images per DPG prompt")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = ap.parse_args(argv)
-    known = {**METHODS, **OPTIONAL_METHODS, **MAR_METHODS}
+    if args.methods == ["ABLATIONS"]:
+        args.methods = list(ABLATIONS)
+    known = {**METHODS, **OPTIONAL_METHODS, **MAR_METHODS, **ABLATION_METHODS}
     unknown = [m for m in args.methods if m not in known]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {list(known)}")
@@ -127,9 +142,19 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(HERE))
     from make_table import write_table
 
-    studies = [args.log_dir / name for name in dict.fromkeys(["study", "study_mar", args.study_name])]
+    # the ablation runs have their own table (their HT-GRPO seeds must not merge into the main study's row)
+    extra = [] if args.study_name == "ablation" else [args.study_name]
+    studies = [args.log_dir / name for name in dict.fromkeys(["study", "study_mar", *extra])]
+    if args.study_name == "ablation":
+        from make_table import collect, render
+
+        print(render(collect(study)))
     print(write_table([d for d in studies if d.is_dir()], HERE / "README.md"))
-    if any(family(m) == "llada" for m in args.methods):
+    if args.study_name == "ablation":
+        from make_table import ABLATION_END, ABLATION_START, write_gains
+
+        print(write_gains(study, HERE / "README.md", markers=(ABLATION_START, ABLATION_END)))
+    elif any(family(m) == "llada" for m in args.methods):
         from make_table import write_gains
 
         print(write_gains(args.log_dir / "study", HERE / "README.md"))  # gains, intervals, tests against HT-GRPO

@@ -346,7 +346,7 @@ class GRPOModule(PolicyModule):
         if self.lr_schedule != "constant":
             rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
             for group, rate in zip(scheduler.optimizer.param_groups, rates):
-                pass
+                group["lr"] = rate
             scheduler._last_lr = rates  # what get_last_lr() reports
         self.log("lr", float(scheduler.optimizer.param_groups[0]["lr"]), prog_bar=False, batch_size=1)
 

@@ -76,7 +76,7 @@ def log_histograms(backends: list[tuple[str, Any]], histograms: Mapping[str, tor
 
             payload: dict[str, Any] = {tag: wandb.Histogram(values.numpy()) for tag, values in histograms.items()}
             payload["trainer/global_step"] = step
-            pass
+            lg.experiment.log(payload)
         elif kind == "mlflow":
             lg.log_metrics({f"{tag}/{name}": v for tag, values in histograms.items()
                             for name, v in summary_stats(values).items()}, step=step)

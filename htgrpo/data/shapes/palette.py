@@ -54,9 +54,20 @@ def color_index(name: str) -> int:
 class ShapesWorldConfig:
     """Geometry of ShapesWorld scenes.
 
+    Two sets of values are in use, on purpose:
+
+    - ``conf/world/shapes.yaml`` is what every command (``python -m htgrpo.fit`` / ``evaluate`` / ``generate``) and
+      the shipped warm start use: grid 11 (121 image tokens), 10 px cells (110 px images), objects of side 5 on a
+      2 x 2 lattice of places (``position_step`` 6), circle / square / triangle. Built in Python with the same
+      values: ``ShapesWorldConfig(grid_size=11, cell_px=10, max_object_size=5, large_size=5, position_step=6)``.
+    - The dataclass defaults below are the original, roomier 16-cell geometry (objects of side 5-7 anywhere), which
+      the unit tests and the benchmark scripts build with ``ShapesWorldConfig()``; their expected numbers were
+      measured on it.
+
     Attributes:
-        grid_size: cells per side; one image token per cell (default 16 -> 256 tokens).
-        cell_px: pixels per cell side when a scene is rendered to RGB (default 8 -> 128x128 images).
+        grid_size: cells per side; one image token per cell (dataclass default 16 -> 256 tokens; the shipped
+            config: 11 -> 121).
+        cell_px: pixels per cell side when a scene is rendered to RGB (default 8 -> 128x128 images; shipped: 10).
         shapes: shape classes that prompts may name.
         min_object_size: smallest object side, in cells: >= 4 (below 4 a circle is a full square), >= 5 when
             ``diamond`` is a shape (below 5 circle and diamond coincide).
