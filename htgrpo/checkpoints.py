@@ -205,9 +205,10 @@ def _folder_kind(path: Path) -> str | None:
 
 
 def _file_kind(path: Path) -> str | None:
-    if path.suffix in (".pth", ".pt"):
+    if path.suffix in (".pth", ".pt"):  # weights-only first: LTH14 files need nothing else
         top = _peek(path, weights_only=True)
-        return "mar_lth14" if isinstance(top, Mapping) and "model" in top else None
+        if isinstance(top, Mapping) and "model" in top and "state_dict" not in top:
+            return "mar_lth14"
     top = _peek(path, weights_only=False)  # a Lightning checkpoint pickles its hyper-parameters and loop state
     if isinstance(top, Mapping) and "state_dict" in top:
         return "lightning_lora" if top.get(LORA_STRIPPED_FLAG) else "lightning"
@@ -222,8 +223,8 @@ def detect_checkpoint_kind(path: str | os.PathLike, key: str = "ckpt_path") -> s
     (FSDP sharded); ``latest`` or ``*/mp_rank_*_model_states.pt`` (DeepSpeed); ``policy.json`` type ``shapes_mar``
     (MAR policy folder); ``config.json`` with ``policy.json`` or ``t2i_layout.json`` (policy folder), else its
     ``model_type`` (mmada / llada = DiMOO / harmon); ``checkpoint-last.pth`` (LTH14 MAR). Files: ``.pth`` / ``.pt``
-    with a ``model`` entry (LTH14 MAR); anything else holding a ``state_dict`` (Lightning, LoRA when its frozen
-    weights were stripped).
+    with a ``model`` entry and no ``state_dict`` (LTH14 MAR); any file holding a ``state_dict`` (Lightning, LoRA
+    when its frozen weights were stripped).
 
     Raises:
         ConfigError: (``key``) the path does not exist, or is no kind htgrpo knows (the message lists the kinds).
@@ -311,8 +312,9 @@ def load_policy_weights(policy: torch.nn.Module, weights: Mapping[str, torch.Ten
         hint = ""
         if any(".lora_" in k for k in list(weights)) and not is_lora(policy):
             hint = " (the checkpoint has LoRA adapters: set policy.lora.r and the rest of policy.lora as in training)"
-        raise ConfigError(key, f"weights do not fit the policy: missing {missing[:5]}{'...' if len(missing) > 5 else ''}"
-                               f", unexpected {result.unexpected_keys[:5]}{hint}")
+        more = "..." if len(missing) > 5 else ""
+        raise ConfigError(key, f"weights do not fit the policy: missing {missing[:5]}{more}, unexpected "
+                               f"{result.unexpected_keys[:5]}{hint}")
 
 
 def load_adapter(policy: torch.nn.Module, directory: str | os.PathLike, trainable: bool = False) -> torch.nn.Module:

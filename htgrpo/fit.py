@@ -93,6 +93,22 @@ def reward_curve(history: list[float]) -> dict[str, Any]:
     return {"steps": n, "thirds": [sum(p) / len(p) for p in parts], "first": values[0], "last": values[-1]}
 
 
+def check_reward_before_build(cfg: DictConfig) -> bool:
+    """Build the ``reward`` node alone and run its start-up check (``Reward.check_ready``) when its class says it is
+    cheap to build (``cheap_to_build``: a client of a served reward). Returns whether it did."""
+    from hydra.utils import get_object
+
+    target = OmegaConf.select(cfg, "reward._target_", default=None)
+    try:
+        cls = get_object(str(target)) if target else None
+    except Exception:  # noqa: BLE001 - a bad target fails later, naming its key, when the algorithm is built
+        return False
+    if not getattr(cls, "cheap_to_build", False):
+        return False
+    call_checked(instantiate_node(cfg, "reward").check_ready, "reward")
+    return True
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job from a composed config; returns the summary written to ``summary.json``."""
     started = time.perf_counter()
@@ -107,15 +123,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if resume is not None:
         log.info("resuming from %s (%s, step %s)", resume.ckpt_path, resume.kind, resume.global_step)
 
+    # A reward that is cheap to build (reward=remote) checks its server before the policy loads, which can take
+    # minutes: a wrong URL or token stops the run in seconds. Others are checked once built, below.
+    checked_early = check_reward_before_build(cfg)
     benchmark = instantiate_node(cfg, "benchmark")
     datamodule = instantiate_node(cfg, "data", val_prompts=benchmark.prompts)
     policy = instantiate_node(cfg, "policy")
     sampler = instantiate_node(cfg, "sampler")
     module = instantiate_node(cfg, "algorithm", policy=policy, benchmark=benchmark, sampler=sampler)
     reward = getattr(module, "reward_fn", None)
-    if callable(getattr(reward, "check_ready", None)):
-        # reward=remote: GET /health now, so a wrong URL or token stops the run here, naming the key to fix.
-        call_checked(reward.check_ready, "reward")
+    if not checked_early and callable(getattr(reward, "check_ready", None)):
+        call_checked(reward.check_ready, "reward")  # a served reward: a wrong URL or token stops the run here
     callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg)
     trainer: L.Trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=loggers or False)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from htgrpo.config import ConfigError, instantiate_node
+from htgrpo.data.geneval_vocab import GENEVAL_OBJECT_NAMES
 from htgrpo.data.loaders import load_geneval_metadata
 from htgrpo.data.records import GENEVAL_COLORS, GenEvalRecord, GenEvalRequirement, MetadataError
 from htgrpo.rewards.geneval_real import (
@@ -24,21 +25,21 @@ from htgrpo.rewards.geneval_real import (
 from tiny_scorers import save_tiny_clip, save_tiny_mask2former
 
 SHAPES = {0: "circle", 1: "square", 2: "triangle"}
+COCO_SPELLING = {"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}
+"""GenEval's renamings of COCO classes: a COCO checkpoint's ``id2label`` may use COCO's names for these indices."""
+COCO_NAMES = [COCO_SPELLING.get(n, n) for n in GENEVAL_OBJECT_NAMES]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    """Tiny detectors (COCO's 80 GenEval class names, every query a "dog"; ShapesWorld classes, every query a
-    "circle") and a tiny CLIP."""
-    from conftest import shared_data_dir
-
+    """Tiny detectors (COCO's 80 classes with COCO's spelling in ``id2label``, every query a "dog"; ShapesWorld
+    classes, every query a "circle"), a tiny CLIP, and GenEval's ``object_names.txt`` written from the package's list
+    (so the module needs no copy of the GenEval repository)."""
     root = tmp_path_factory.mktemp("scorers")
-    names_file = shared_data_dir() / "geneval" / "object_names.txt"
-    if not names_file.exists():
-        pytest.skip(f"official benchmark files not found at {shared_data_dir()}")
-    names = names_file.read_text().splitlines()
+    names_file = root / "object_names.txt"
+    names_file.write_text("".join(f"{n}\n" for n in GENEVAL_OBJECT_NAMES))
     return {
-        "coco_dog": save_tiny_mask2former(root / "m2f_coco", dict(enumerate(names)), favour="dog"),
+        "coco_dog": save_tiny_mask2former(root / "m2f_coco", dict(enumerate(COCO_NAMES)), favour="dog"),
         "shapes_circle": save_tiny_mask2former(root / "m2f_shapes", SHAPES, favour="circle"),
         "clip": save_tiny_clip(root / "clip"),
         "names": names_file,
@@ -181,6 +182,31 @@ def test_reward_binary_and_partial_with_components(models):
     assert not reward.scorer.colors.model.training
 
 
+# ---- class list --------------------------------------------------------------------------------------------
+def test_without_class_names_an_80_class_detector_uses_genevals_names_and_a_file_beside_the_metadata_wins(models, tmp_path):
+    from htgrpo.data.prompt_sets import GenEvalPrompts
+
+    scorer = GenEvalDetectorScorer(detector=str(models["coco_dog"]), clip=str(models["clip"]), device="cpu")
+    assert scorer.detector.model.config.id2label[65] == "remote"  # COCO's spelling in the checkpoint
+    assert scorer.class_names == list(GENEVAL_OBJECT_NAMES) and scorer.class_names[65] == "tv remote"
+    remote = rec("single_object", "a photo of a tv remote", GenEvalRequirement("tv remote", 1))
+    scorer.check_records([("record 0", remote)])  # GenEval's name is known: no MetadataError
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    meta.write_text(json.dumps(remote.to_json()) + "\n")
+    scorer.use_prompt_set(GenEvalPrompts(str(meta)))  # no object_names.txt beside it: the package list stays
+    assert scorer.class_names == list(GENEVAL_OBJECT_NAMES)
+    # an object_names.txt beside the metadata is the benchmark's own list: it replaces the default
+    beside = [*GENEVAL_OBJECT_NAMES[:16], "puppy", *GENEVAL_OBJECT_NAMES[17:]]
+    (tmp_path / "object_names.txt").write_text("".join(f"{n}\n" for n in beside))
+    scorer.use_prompt_set(GenEvalPrompts(str(meta)))
+    assert scorer.class_names == beside and scorer.detector.class_names == beside
+
+
+def test_without_class_names_a_detector_of_another_size_keeps_its_id2label(models):
+    scorer = GenEvalDetectorScorer(detector=str(models["shapes_circle"]), clip=str(models["clip"]), device="cpu")
+    assert scorer.class_names == ["circle", "square", "triangle"]
+
+
 # ---- start-up errors ----------------------------------------------------------------------------------------
 def test_metadata_line_with_a_class_the_detector_lacks_fails_with_file_and_line(models, tmp_path):
     lines = [DOG.to_json(), CAT.to_json(), rec("single_object", "a photo of a unicorn", GenEvalRequirement("unicorn", 1)).to_json()]
@@ -208,7 +234,7 @@ def test_evaluate_stops_at_start_up_on_a_bad_metadata_line(compose, models, tmp_
     meta.parent.mkdir()
     bad = rec("two_object", "a photo of a dog and a unicorn", GenEvalRequirement("dog", 1), GenEvalRequirement("unicorn", 1))
     meta.write_text("".join(json.dumps(r.to_json()) + "\n" for r in (DOG, CAT, bad)))
-    # no class_names: GenEval's object_names.txt next to the metadata is used (here a copy of the shared one)
+    # no class_names: GenEval's object_names.txt next to the metadata is used
     (meta.parent / "object_names.txt").write_text(models["names"].read_text())
     cfg = compose("evaluate", ["benchmark=geneval", f"benchmark.prompts.path={meta.parent}",
                                f"benchmark.scorer.detector={models['coco_dog']}", f"benchmark.scorer.clip={models['clip']}",

@@ -7,7 +7,7 @@ Floors, lowest first (README "Architecture"):
    (HTTP helpers shared by the reward server and its client);
 1. ``data``: records, benchmark files, ShapesWorld, prompt sets and data modules;
 2. ``policies``: generators, tokenizers, LoRA, released-checkpoint loaders; ``checkpoints`` (every checkpoint kind,
-   loaded into a policy); ``checkpoints`` (every checkpoint kind);
+   loaded into a policy);
 3. ``rewards`` and ``evaluation``: scorers and benchmark metrics;
 4. ``algorithms`` and ``strategies`` (the FSDP / DeepSpeed plumbing the algorithms' clip-and-step calls);
 5. ``callbacks``;

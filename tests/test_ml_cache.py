@@ -160,3 +160,31 @@ def test_sampler_configs_carry_released_defaults():
         GlobalHydra.instance().clear()
         s = instantiate_node(cfg, "sampler")
         assert (s.cache, s.cache_ratio, s.warmup_ratio, s.refresh_interval) == ("ml_cache", 0.9, 0.3, 5)
+
+
+def test_fresh_variant_recomputes_changed_tokens():
+    """ml_cache_fresh: a cached step also recomputes every position whose token changed since its keys/values."""
+    torch.manual_seed(0)
+    policy = _policy()
+    prompt = policy.encode_prompts(PROMPTS[:2])
+    settings = MLCacheSettings(cache_ratio=0.9, warmup_ratio=0.0, refresh_interval=3)
+    plain = MaxLogitCacheLogits(policy, prompt, 4, settings)
+    fresh = MaxLogitCacheLogits(policy, prompt, 4, settings, recompute_changed=True)
+    codes = torch.full((2, policy.num_image_tokens), MASKED)
+    with torch.no_grad():
+        for fn in (plain, fresh):
+            fn(codes, 0.0)
+        T = plain.cache.ids.shape[1]
+        changed = codes.clone()
+        changed[:, :120] = torch.randint(0, policy.codebook_size, (2, 120))
+        a, b = plain(changed, 0.0), fresh(changed, 0.0)
+        ids, _ = policy.sequences(changed, prompt)
+    assert fresh.positions_computed - 2 * T >= 2 * 120 > plain.positions_computed - 2 * T
+    assert torch.equal(fresh.cache.ids, ids)  # every changed position's keys/values are now from its token
+    assert not torch.equal(plain.cache.ids, ids)
+    exact = policy.image_logits(changed, prompt)
+    assert (b - exact).abs().mean() < (a - exact).abs().mean()  # closer to the exact logits
+    s = SamplerSettings(num_steps=6, cache="ml_cache_fresh", cache_ratio=1e-9, warmup_ratio=0.0, refresh_interval=9)
+    e = SamplerSettings(num_steps=6)
+    assert torch.equal(s.sample(policy, prompt, torch.Generator().manual_seed(2)).codes,
+                       e.sample(policy, prompt, torch.Generator().manual_seed(2)).codes)

@@ -723,3 +723,20 @@ def test_a_mix_checks_its_served_parts_at_start_up_and_takes_their_failure_limit
         assert copy.url == srv.url and copy.max_failed_batches == 4
     finally:
         srv.stop()
+
+
+def test_fit_checks_a_served_reward_before_building_the_policy(compose, monkeypatch):
+    from htgrpo.fit import check_reward_before_build
+
+    srv = RewardServer("127.0.0.1", 0, token="tok").start()
+    srv.set_reward(ShapesPromptReward(WORLD))
+    try:
+        monkeypatch.setenv(TOKEN_ENV, "wrong")
+        cfg = compose("fit", ["experiment=shapes_ht", "reward=remote", f"reward.url={srv.url}"])
+        with pytest.raises(ConfigError, match=r"^reward.token_file: .*HTTP 401"):
+            check_reward_before_build(cfg)
+        monkeypatch.setenv(TOKEN_ENV, "tok")
+        assert check_reward_before_build(cfg) is True
+        assert check_reward_before_build(compose("fit", ["experiment=shapes_ht"])) is False  # built, then checked
+    finally:
+        srv.stop()

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Union
 
 from htgrpo.data.records import (
-    GENEVAL_RECORD_EXAMPLE,
     DPG_CSV_COLUMNS,
+    GENEVAL_RECORD_EXAMPLE,
     BenchmarkPrompt,
     DPGItem,
     DPGProposition,

@@ -39,8 +39,9 @@ class SamplerSettings:
             (:func:`~htgrpo.policies.sampling.maskgit_commit_counts`): ``float64`` (math in float64; ``maskgit``),
             ``mmada`` (MMaDA's float32 CPU arithmetic; a lone masked token waits for the last step) or ``dimoo``
             (DiMOO's float32 arithmetic on the model's device; a lone masked token is committed at once).
-        cache: ``none`` (exact) or ``ml_cache``: Lumina-DiMOO's max-logit cache (:mod:`htgrpo.policies.ml_cache`),
-            LLaDA-architecture policies only; its knobs ``cache_ratio`` (share of positions reused on a cached
+        cache: ``none`` (exact), ``ml_cache``: Lumina-DiMOO's max-logit cache (:mod:`htgrpo.policies.ml_cache`),
+            or ``ml_cache_fresh``: the same, also recomputing positions whose token changed; LLaDA-architecture
+            policies only; its knobs ``cache_ratio`` (share of positions reused on a cached
             step), ``warmup_ratio`` (share of the first steps computed in full) and ``refresh_interval`` (a full
             step every that many after the warm-up) have DiMOO's released defaults 0.9, 0.3, 5.
     """
@@ -80,11 +81,12 @@ class SamplerSettings:
 
         fn = maskgit_sample if self.name == "maskgit" else emerge_sample
         kwargs = dict(num_steps=int(self.num_steps), guidance_scale=float(self.guidance_scale), generator=generator)
-        if self.cache == "ml_cache":
+        if self.cache != "none":
             # the cached logits stand in for the policy: the sampler gets a logits_fn and the fully masked canvas
             require(hasattr(policy, "guided_image_logits") and hasattr(policy, "layout"), "cache",
                     f"ml_cache needs a LLaDA-architecture masked-diffusion policy, got {type(policy).__name__}")
-            logits_fn = MaxLogitCacheLogits(policy, prompt_tokens, int(self.num_steps), self.ml_cache_settings())
+            logits_fn = MaxLogitCacheLogits(policy, prompt_tokens, int(self.num_steps), self.ml_cache_settings(),
+                                            recompute_changed=self.cache == "ml_cache_fresh")
             canvas = torch.full((prompt_tokens.batch_size, policy.num_image_tokens), MASKED, dtype=torch.long,
                                 device=policy.device)
             policy, prompt_tokens = logits_fn, canvas

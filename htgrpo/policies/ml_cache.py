@@ -25,6 +25,12 @@ longest and the padding positions are computed but never written. The refresh sc
 token, as the release ``break``s). The caches hold keys after RoPE (the release keeps them before and rotates every
 step: the same values). The uncond sequence of CFG is the same batch's second half, as in the exact path.
 
+``ml_cache_fresh`` (not in the release) also recomputes, on a cached step, every position whose token changed since
+its keys and values were last computed: the release leaves a just-committed token's keys/values as they were while it
+was [MASK] until it happens to be chosen or a refresh comes (dKV-Cache's observation: a decoded token's
+representation changes once, the step it is decoded, then settles). It costs the newly committed share of the
+image per step on top of ``1 − cache_ratio``.
+
 The sampler's logits are therefore approximate on cached steps. RL algorithms whose importance ratios come from a
 separate scoring pass (HT-GRPO's prompt-conditioned pass, UniGRPO, MaskGRPO, d1, coupled) are unaffected in how they
 score; TraceRL-style estimators read the rollout's own trajectory (``estimator=trace`` re-scores the recorded
@@ -45,8 +51,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from htgrpo.config import require
 from htgrpo.policies.llada import padding_bias, rotary_cos_sin
 
-CACHES = ("none", "ml_cache")
-"""``sampler.cache`` values: ``none`` (exact sampling) or ``ml_cache`` (this module)."""
+CACHES = ("none", "ml_cache", "ml_cache_fresh")
+"""``sampler.cache`` values: ``none`` (exact sampling), ``ml_cache`` (DiMOO's released cache) or ``ml_cache_fresh``
+(the same, and every position whose token changed since its keys/values were computed is recomputed too)."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,8 @@ class _SequenceCache:
         self.values: list[torch.Tensor] = []
         self.logits: torch.Tensor | None = None
         self.recompute: torch.Tensor | None = None
+        self.ids: torch.Tensor | None = None
+        """(B, T) the token each position's keys/values were computed from."""
 
 
 class MaxLogitCacheLogits:
@@ -101,11 +110,14 @@ class MaxLogitCacheLogits:
 
     One object per sampling call (it counts forward passes to follow the refresh schedule of ``num_steps``).
     ``policy``: a :class:`~htgrpo.policies.masked_diffusion.MaskedDiffusionPolicy` (LoRA adapters included);
-    ``prompt``: its :class:`PromptTokens`.
+    ``prompt``: its :class:`PromptTokens`. ``recompute_changed``: also recompute every position whose token changed
+    since its keys/values were computed (``sampler.cache=ml_cache_fresh``).
     """
 
-    def __init__(self, policy: Any, prompt: Any, num_steps: int, settings: MLCacheSettings) -> None:
+    def __init__(self, policy: Any, prompt: Any, num_steps: int, settings: MLCacheSettings,
+                 recompute_changed: bool = False) -> None:
         self.policy = policy
+        self.recompute_changed = bool(recompute_changed)
         self.prompt = prompt
         self.settings = settings
         self.refresh = refresh_steps(int(num_steps), float(settings.warmup_ratio), int(settings.refresh_interval))
@@ -173,6 +185,7 @@ class MaxLogitCacheLogits:
             x = x + _attend(block, q, k, v, bias)
             x = x + block.mlp(block.ff_norm(x))
         self.cache.keys, self.cache.values = keys, values
+        self.cache.ids = ids.clone()
         self.cache.logits = self._head(x)
         self.positions_computed += B * T
         return self.cache.logits
@@ -180,6 +193,8 @@ class MaxLogitCacheLogits:
     def _cached(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Only the positions chosen after the last step: (B, T, C) logits, the others from the logit cache."""
         chosen = self.cache.recompute
+        if self.recompute_changed:
+            chosen = chosen | ((ids != self.cache.ids) & attn.bool())
         B, T = ids.shape
         counts = chosen.sum(1)
         K = int(counts.max())
@@ -206,6 +221,8 @@ class MaxLogitCacheLogits:
         idx = order[..., None].expand(-1, -1, C)
         kept = self.cache.logits.gather(1, idx)
         self.cache.logits = self.cache.logits.scatter(1, idx, torch.where(write[..., None], new.to(kept.dtype), kept))
+        self.cache.ids = self.cache.ids.scatter(1, order, torch.where(write, ids.gather(1, order),
+                                                                      self.cache.ids.gather(1, order)))
         self.positions_computed += B * K
         return self.cache.logits
 

@@ -116,6 +116,9 @@ class Reward(abc.ABC):
     #: checkpoint, :class:`RewardUnavailableError`); 0 = never. A batch with no finite reward is never trained on,
     #: whatever this is (``GRPOModule.skip_unscored_batch``). ``reward=remote`` sets it from ``max_failed_batches``.
     max_failed_batches: int = 0
+    #: True for rewards whose constructor loads nothing (clients of a served reward): ``htgrpo.fit`` then builds one
+    #: and runs :meth:`check_ready` before loading the policy, so a wrong URL or token stops the run in seconds.
+    cheap_to_build: bool = False
 
     def __init__(self, device: str | torch.device | None = "cpu", dtype: str = "float32") -> None:
         from htgrpo.config import require_choice

@@ -8,7 +8,8 @@ This follows djghosh13/geneval ``evaluation/evaluate_images.py`` step by step:
    (instance branch): mask logits resized to the padded input, cropped to the valid region, resized to the image;
    ``top-k`` (``max_per_image``, 100) over all query x class probabilities; score = class probability x mean
    mask probability inside the binary mask; box = tight box of the mask (``x2``/``y2`` exclusive, as mmdet's
-   ``mask2bbox``). Class index ``i`` is the ``i``-th line of GenEval's ``object_names.txt``.
+   ``mask2bbox``). Class index ``i`` is the ``i``-th line of GenEval's ``object_names.txt``
+   (shipped as ``htgrpo.data.geneval_vocab.GENEVAL_OBJECT_NAMES``).
 2. **Filtering.** ``filter_detections`` (threshold 0.3 / 0.9 in float32, official tie order, 16 per class,
    ``max_overlap`` NMS).
 3. **Colour.** CLIP ViT-L/14 zero-shot over GenEval's ten colours with its three templates
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 from htgrpo.config import ConfigError, require, require_range
 from htgrpo.data.detection import Detection
+from htgrpo.data.geneval_vocab import GENEVAL_OBJECT_NAMES
 from htgrpo.data.records import GENEVAL_COLORS, GenEvalRecord, MetadataError
 from htgrpo.rewards._hf import load_pretrained
 from htgrpo.rewards.base import DTYPES, Reward, RewardOutput, check_images, freeze, resolve_device
@@ -136,12 +138,28 @@ def read_class_names(path: str | Path) -> list[str]:
     return names
 
 
+def default_class_names(id2label: dict[int, str], num_labels: int) -> list[str]:
+    """The class list of a detector given no ``object_names.txt``: GenEval's 80 names for an 80-class detector, else
+    its own ``id2label`` in index order.
+
+    An 80-class COCO instance checkpoint (every GenEval detector) has COCO's classes in COCO's order, so its class
+    ``i`` is GenEval's object ``i`` (:data:`~htgrpo.data.geneval_vocab.GENEVAL_OBJECT_NAMES`, shipped in the package);
+    its ``id2label`` may spell them COCO's way (e.g. ``remote`` / ``keyboard`` / ``mouse`` where GenEval's metadata
+    says ``tv remote`` / ``computer keyboard`` / ``computer mouse``), which would fail every such prompt. A detector of
+    another size (e.g. the ShapesWorld one) keeps its own names.
+    """
+    if num_labels == len(GENEVAL_OBJECT_NAMES):
+        return list(GENEVAL_OBJECT_NAMES)
+    return [str(id2label[i]) for i in range(num_labels)]
+
+
 class Mask2FormerDetector:
     """Instance segmentation through transformers ``Mask2FormerForUniversalSegmentation`` (frozen).
 
     Args:
         model: Hub repo id or ``save_pretrained`` folder (with its image processor).
-        class_names: path to ``object_names.txt``; None -> the checkpoint's ``id2label`` in index order.
+        class_names: path to ``object_names.txt``; None -> :func:`default_class_names` (GenEval's 80 names for an
+            80-class checkpoint, else its ``id2label`` in index order).
         device, dtype: where and in what precision the model runs.
         max_per_image: detections kept per image before GenEval's filtering (mmdet's test ``max_per_image``, 100).
         config_key: the config key of ``model`` (named in errors).
@@ -162,8 +180,7 @@ class Mask2FormerDetector:
         self.model = freeze(net).to(self.device, self.dtype)
         num_labels = int(self.model.config.num_labels)
         if class_names is None:
-            id2label = self.model.config.id2label
-            self.class_names = [str(id2label[i]) for i in range(num_labels)]
+            self.class_names = default_class_names(self.model.config.id2label, num_labels)
         else:
             self.class_names = read_class_names(class_names)
             require(
@@ -305,7 +322,8 @@ class GenEvalDetectorScorer:
         detector: Mask2Former repo id or folder (``detector=``).
         clip: CLIP repo id or folder.
         class_names: GenEval's ``object_names.txt`` (class index order); null -> the ``object_names.txt`` next to
-            the benchmark's metadata file when there is one, else the detector's ``id2label``.
+            the benchmark's metadata file when there is one, else :func:`default_class_names` (GenEval's 80 names,
+            shipped in the package, for an 80-class detector; else the detector's ``id2label``).
         device, dtype: for both models.
         threshold, counting_threshold, max_objects, max_overlap, position_threshold: the official ``--options``.
         bgcolor, crop: colour-crop options (official ``bgcolor``/``crop``).
@@ -371,7 +389,7 @@ class GenEvalDetectorScorer:
 
     @property
     def class_names(self) -> list[str]:
-        """The class list (``class_names`` file when given, else the detector's ``id2label``; loads the detector)."""
+        """The class list (``class_names`` file when given, else :func:`default_class_names`; loads the detector)."""
         return self._file_class_names if self._file_class_names is not None else self.detector.class_names
 
     def check_records(self, records: Iterable[tuple[str, GenEvalRecord]]) -> None:
@@ -402,7 +420,7 @@ class GenEvalDetectorScorer:
 
     def use_prompt_set(self, prompts: Any) -> None:
         """Without ``class_names``: use GenEval's ``object_names.txt`` next to the prompt set's metadata file when
-        there is one (GenEval's ``prompts/`` folder holds both); else the detector's ``id2label`` stays. Cheap."""
+        there is one (GenEval's ``prompts/`` folder holds both); else :func:`default_class_names` stays. Cheap."""
         file = self._metadata_file(prompts)
         if self._file_class_names is None and file is not None and (file.parent / "object_names.txt").is_file():
             self._use_class_names(file.parent / "object_names.txt")

@@ -194,6 +194,7 @@ class RemoteReward(Reward):
 
     name = "remote"
     io_bound = True  # waits on the server: algorithm.overlap_scoring=auto overlaps it with sampling
+    cheap_to_build = True  # fit checks the server (check_ready) before loading the policy
 
     def __init__(self, url: str, timeout: float = 60.0, retry_seconds: float = 120.0, retry_wait: float = 0.5,
                  max_retry_wait: float = 10.0, batch_size: int = 0, max_failed_batches: int = 3,
