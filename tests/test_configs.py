@@ -83,16 +83,17 @@ def test_default_configs_compose(config_name, compose):
     assert cfg.benchmark.images_per_prompt == 4
 
 
-def test_shipped_world_is_the_geometry_its_docstring_names(compose):
-    """conf/world/shapes.yaml against the constructor call ShapesWorldConfig's docstring gives for it, and the
-    dataclass defaults against the 16-cell geometry the docstring says they are."""
+def test_shipped_world_is_the_dataclass_default(compose):
+    """conf/world/shapes.yaml is ``ShapesWorldConfig()`` (every key, not only the grid), and ``roomy()`` is the
+    16-cell geometry the unit tests and benchmark scripts were measured on."""
     from htgrpo.data.shapes.palette import ShapesWorldConfig
 
     shipped = instantiate_node(compose("fit"), "world")
-    assert shipped == ShapesWorldConfig(grid_size=11, cell_px=10, max_object_size=5, large_size=5, position_step=6)
-    assert (ShapesWorldConfig().grid_size, ShapesWorldConfig().cell_px) == (16, 8)
-    assert "ShapesWorldConfig(grid_size=11, cell_px=10, max_object_size=5, large_size=5, position_step=6)" in (
-        ShapesWorldConfig.__doc__)
+    assert shipped == ShapesWorldConfig()
+    assert (shipped.grid_size, shipped.cell_px, shipped.position_step) == (11, 10, 6)
+    assert ShapesWorldConfig.roomy() == ShapesWorldConfig(grid_size=16, cell_px=8, min_object_size=5, max_object_size=7,
+                                                          small_size=5, large_size=7, position_step=1)
+    assert ShapesWorldConfig.roomy(grid_size=10, max_object_size=5).large_size == 7  # overrides keep the rest
 
 
 def test_unknown_experiment_lists_the_available_ones(compose):

@@ -21,7 +21,7 @@ from htgrpo.data.shapes.scene import Scene, ShapeObject, cells_to_image, render_
 from htgrpo.rewards.dpg import gate_answers, score_dpg_answers, summarize_dpg
 from htgrpo.rewards.shapes import ShapesDPGReward, ShapesDPGScorer, ShapesVQA
 
-WORLD = ShapesWorldConfig()
+WORLD = ShapesWorldConfig.roomy()
 
 
 def prop(pid, dep, broad, detailed, args, q="?"):

@@ -50,7 +50,7 @@ def all_estimators():
 
 @pytest.fixture(scope="module")
 def policy() -> MaskedDiffusionPolicy:
-    world = ShapesWorldConfig(grid_size=10, cell_px=2, max_object_size=5)  # 100 image tokens
+    world = ShapesWorldConfig.roomy(grid_size=10, cell_px=2, max_object_size=5)  # 100 image tokens
     return toy_masked_diffusion_policy(world, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_text_len=12)
 
 

@@ -27,7 +27,7 @@ from htgrpo.rewards.shapes import ShapesPromptReward
 from conftest import REPO_ROOT
 from test_cli import run_cli
 
-WORLD = ShapesWorldConfig()
+WORLD = ShapesWorldConfig.roomy()
 TINY_POLICY = ["policy=shapes_llada", "policy.d_model=32", "policy.n_layers=1", "policy.n_heads=2"]
 TINY_RL = [*TINY_POLICY, "data.batch_size=2", "algorithm.num_generations=4", "sampler.num_steps=4",
            "benchmark.prompts.per_task=1", "benchmark.images_per_prompt=1", "callbacks.progress_bar=null",

@@ -20,7 +20,7 @@ from htgrpo.data.shapes.scene import image_to_cells
 from htgrpo.policies.generators import SamplerSettings, build_masked_diffusion_policy
 
 # 8x8 cells (64 image tokens) keep one rollout step well under a second on one CPU thread.
-WORLD = ShapesWorldConfig(grid_size=8, cell_px=1, min_object_size=4, max_object_size=4, small_size=4, large_size=4)
+WORLD = ShapesWorldConfig.roomy(grid_size=8, cell_px=1, min_object_size=4, max_object_size=4, small_size=4, large_size=4)
 RED = color_index("red")
 SAMPLER = SamplerSettings(name="emerge", num_steps=4, guidance_scale=0.0)
 

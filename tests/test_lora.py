@@ -37,7 +37,7 @@ from test_ht_grpo import TINY_POLICY, TINY_RL, brightness_reward, read_metrics
 from test_strategies import fit as strategy_fit
 from test_strategies import single_rank_group  # noqa: F401  (fixture: tears down the process group)
 
-WORLD = ShapesWorldConfig()
+WORLD = ShapesWorldConfig.roomy()
 TARGETS = {"q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"}
 
 

@@ -30,9 +30,10 @@ def test_decay_factors_hand_computed():
     assert warmup_factor(0, 0) == 1.0
 
 
-@pytest.mark.parametrize("args,key", [(("step", 0.0, None), "lr_schedule"), (("cosine", 1.5, None), "lr_min_ratio"),
-                                      (("cosine", -0.1, None), "lr_min_ratio"), (("linear", 0.0, 0), "lr_decay_batches"),
-                                      (("linear", 0.0, 2.5), "lr_decay_batches")])
+@pytest.mark.parametrize("args,key", [
+    (("step", 0.0, None), "lr_schedule"), (("cosine", 1.5, None), "lr_min_ratio"),
+    (("cosine", -0.1, None), "lr_min_ratio"), (("linear", 0.0, 0), "lr_decay_batches"),
+    (("linear", 0.0, 2.5), "lr_decay_batches")])
 def test_bad_schedule_values_name_the_key(args, key):
     with pytest.raises(ConfigError, match=key):
         validate_lr_schedule(*args)

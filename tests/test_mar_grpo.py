@@ -21,7 +21,7 @@ from htgrpo.policies.mar.shapes import MARSamplerSettings, ShapesMARPolicy, buil
 from htgrpo.policies.tokenizers import PaletteImageTokenizer
 from test_cli import run_cli
 
-WORLD = ShapesWorldConfig()
+WORLD = ShapesWorldConfig.roomy()
 TINY_MAR = dict(d_model=32, n_layers=1, n_heads=2, head_width=32, head_depth=1, text_width=32, text_heads=2,
                 num_sampling_steps="ddim5")
 SAMPLER = MARSamplerSettings(num_ar_steps=4, cfg=2.0, num_diffusion_steps="ddim5")

@@ -22,7 +22,7 @@ from htgrpo.rewards.base import Reward, RewardOutput
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
-WORLD = ShapesWorldConfig()
+WORLD = ShapesWorldConfig.roomy()
 
 
 class NoisyBrightness(Reward):

@@ -42,6 +42,6 @@ def test_bad_time_budget_names_the_key():
     from htgrpo.data.shapes.palette import ShapesWorldConfig
     from htgrpo.policies.shapes_llada import build_masked_diffusion_policy
 
-    policy = build_masked_diffusion_policy(ShapesWorldConfig(), d_model=32, n_layers=1, n_heads=2)
+    policy = build_masked_diffusion_policy(ShapesWorldConfig.roomy(), d_model=32, n_layers=1, n_heads=2)
     with pytest.raises(ConfigError, match="time_budget"):
         MaskedDiffusionPretraining(policy, time_budget="nine minutes")

@@ -35,7 +35,7 @@ from htgrpo.rewards.remote import RemoteReward, build_request
 from htgrpo.rewards.shapes import ShapesPromptReward
 from htgrpo.serve import RewardServer
 
-WORLD = ShapesWorldConfig()
+WORLD = ShapesWorldConfig.roomy()
 
 
 def _without_hydra(cfg):

@@ -21,7 +21,7 @@ from htgrpo.rewards.jpeg import JPEGReward, jpeg_size_kb
 from htgrpo.rewards.mix import MixReward
 from htgrpo.rewards.shapes import ShapesPromptReward
 
-WORLD = ShapesWorldConfig()
+WORLD = ShapesWorldConfig.roomy()
 
 
 def _without_hydra(cfg):

@@ -18,7 +18,7 @@ PROMPTS = ["a photo of a red circle", "two blue squares", "a green triangle left
 
 @pytest.fixture(scope="module")
 def policy() -> MaskedDiffusionPolicy:
-    world = ShapesWorldConfig(grid_size=10, cell_px=2, max_object_size=5)  # 100 image tokens
+    world = ShapesWorldConfig.roomy(grid_size=10, cell_px=2, max_object_size=5)  # 100 image tokens
     return toy_masked_diffusion_policy(world, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_text_len=12).eval()
 
 
@@ -128,7 +128,7 @@ def test_restricted_and_full_vocabulary_logits_give_identical_samples(policy):
 
 
 def test_training_loss_is_finite_and_overfits_one_batch():
-    world = ShapesWorldConfig(grid_size=10, cell_px=2, max_object_size=5)
+    world = ShapesWorldConfig.roomy(grid_size=10, cell_px=2, max_object_size=5)
     policy = toy_masked_diffusion_policy(world, d_model=32, n_layers=2, max_text_len=12, seed=1)
     prompt = policy.encode_prompts(PROMPTS)
     codes = torch.zeros(3, 10, 10, dtype=torch.long)  # one coloured square per image on the background

@@ -36,7 +36,7 @@ from htgrpo.rewards.shapes import (
     geneval_partial_reward,
 )
 
-WORLD = ShapesWorldConfig()
+WORLD = ShapesWorldConfig.roomy()
 
 
 def _touching(a: ShapeObject, b: ShapeObject) -> bool:
@@ -174,7 +174,7 @@ def test_shape_posterior_by_hand():
 
 
 def test_detector_confidence_separates_ragged_from_clean_shapes():
-    world = ShapesWorldConfig(grid_size=12, cell_px=1, min_object_size=4, max_object_size=5)
+    world = ShapesWorldConfig.roomy(grid_size=12, cell_px=1, min_object_size=4, max_object_size=5)
     det = ShapesDetector(world)
     cells = render_cells(Scene(12, (ShapeObject("circle", "red", 1, 1, 5),)))
     assert det.detect(cells_to_image(cells, 1))[0].score > 0.999
@@ -187,13 +187,13 @@ def test_detector_confidence_separates_ragged_from_clean_shapes():
 
 
 def test_world_object_size_limits():
-    assert ShapesWorldConfig(grid_size=12, min_object_size=4, max_object_size=5).min_object_size == 4
+    assert ShapesWorldConfig.roomy(grid_size=12, min_object_size=4, max_object_size=5).min_object_size == 4
     with pytest.raises(ValueError, match="min_object_size"):
-        ShapesWorldConfig(grid_size=12, min_object_size=4, max_object_size=5, shapes=("circle", "diamond"))
+        ShapesWorldConfig.roomy(grid_size=12, min_object_size=4, max_object_size=5, shapes=("circle", "diamond"))
     with pytest.raises(ValueError, match="min_object_size"):
-        ShapesWorldConfig(grid_size=12, min_object_size=3, max_object_size=5)
+        ShapesWorldConfig.roomy(grid_size=12, min_object_size=3, max_object_size=5)
     with pytest.raises(ValueError, match="detector_cell_noise"):
-        ShapesWorldConfig(detector_cell_noise=0.5)
+        ShapesWorldConfig.roomy(detector_cell_noise=0.5)
 
 
 # ----------------------------------------------------------------------------------------------- prompts

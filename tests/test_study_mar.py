@@ -134,7 +134,7 @@ def test_mar_warm_start_mask_schedule_key(tmp_path):
     from htgrpo.policies.mar.sampling import MARSamplerSettings
     from htgrpo.policies.mar.shapes import ShapesMARPolicy
 
-    world = ShapesWorldConfig(grid_size=8, cell_px=2, min_object_size=4, max_object_size=4, small_size=4,
+    world = ShapesWorldConfig.roomy(grid_size=8, cell_px=2, min_object_size=4, max_object_size=4, small_size=4,
                               large_size=4)
     policy = ShapesMARPolicy.toy(world, d_model=16, n_layers=1, n_heads=2, buffer_size=4, text_max_len=4,
                                  text_width=16, text_heads=2, head_width=16, head_depth=1)

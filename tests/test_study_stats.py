@@ -82,7 +82,7 @@ def test_stratified_schedule_gives_every_block_each_task_once():
     from htgrpo.data.prompt_sets import ShapesPromptStream
     from htgrpo.data.shapes.palette import ShapesWorldConfig
 
-    world = ShapesWorldConfig(grid_size=11, min_object_size=5, max_object_size=5, small_size=5, large_size=5,
+    world = ShapesWorldConfig.roomy(grid_size=11, min_object_size=5, max_object_size=5, small_size=5, large_size=5,
                               position_step=6)
     stream = ShapesPromptStream(world, seed=3, task_schedule="stratified")
     assert stream.block_size == 6

@@ -216,7 +216,7 @@ def run(small: bool, steps: int, out: str | None = None) -> dict:
     build_s = time.perf_counter() - t0
     clock = PhaseClock(device)
     module = timed_module(cfg, policy, clock)
-    data = PromptDataModule(ShapesPromptStream(ShapesWorldConfig(), seed=0), batch_size=int(cfg.data.batch_size))
+    data = PromptDataModule(ShapesPromptStream(ShapesWorldConfig.roomy(), seed=0), batch_size=int(cfg.data.batch_size))
     trainer = L.Trainer(max_epochs=1, limit_train_batches=steps, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision)

@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def project_world() -> ShapesWorldConfig:
-    """The world the experiments use (conf/world/shapes.yaml), not the dataclass defaults."""
+    """The world the experiments use, read from conf/world/shapes.yaml (the dataclass defaults equal it)."""
     from omegaconf import OmegaConf
 
     node = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "world" / "shapes.yaml"))

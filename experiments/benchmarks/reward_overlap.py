@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    world = ShapesWorldConfig()
+    world = ShapesWorldConfig.roomy()
     images = args.prompts * args.generations
     n_chunks = -(-images // args.chunk)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "

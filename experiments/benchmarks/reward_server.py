@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    world = ShapesWorldConfig()
+    world = ShapesWorldConfig.roomy()
     reward = ShapesPromptReward(world, "partial")
     payloads = make_batches(world, args.requests, args.batch)
     expected = [reward(images, records) for images, records in payloads]

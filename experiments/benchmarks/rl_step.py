@@ -89,7 +89,7 @@ def phase_seconds(args: argparse.Namespace, world: ShapesWorldConfig, policy) ->
 
 def estimator_costs(args: argparse.Namespace, module: HTGRPO) -> list[dict]:
     policy = module.policy
-    data = ShapesPromptStream(ShapesWorldConfig(), seed=1)
+    data = ShapesPromptStream(ShapesWorldConfig.roomy(), seed=1)
     from htgrpo.data.datamodules import collate_prompts
 
     batch = collate_prompts([data[i] for i in range(args.prompts)])
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    world = ShapesWorldConfig()
+    world = ShapesWorldConfig.roomy()
     policy, source = load_policy(args, world)
     print(f"policy: {source}; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
 

@@ -7,11 +7,17 @@ policy, prompts and generator seed; both must give identical samples (the script
 - ``real``: a body-dominated geometry whose LM-head : body FLOP ratio equals MMaDA-8B's. MMaDA-8B's full head
   (134,656 rows) costs 2·D·V per position; its body 2·L·(4D² + 3DF) + attention 4·L·T·D per token
   (D 4096, F 12288, L 32, T 1283): head/body = 0.0754 (:func:`mmada_head_body_ratio`). The head/body ratio of a
-  LLaDA body goes as V / (L·(4D + 3F + 2T)), so at the toy body (d256 × 4 layers) the vocabulary is scaled down with the width and
-  depth to keep that ratio (:func:`vocabulary_for_ratio`: 1,180 rows at T 293): restricting logits is then worth
-  what it is worth on MMaDA-8B (about 1.1×), because what dominates is the body's 12–64 full passes, not the head.
+  LLaDA body goes as V / (L·(4D + 3F + 2T)), so at the toy body (d256 × 4 layers) the vocabulary is scaled down
+  with the width and depth to keep that ratio (:func:`vocabulary_for_ratio`: 1,180 rows at T 293): restricting
+  logits is then worth what it is worth on MMaDA-8B (about 1.1×), because what dominates is the body's 12–64 full
+  passes, not the head.
 - ``toy``: the same body with MMaDA's full 134,656-row head, where the head costs ~10× the body; the 5× speed-up
   measured there comes from the head and does not carry over to 8B models.
+
+Then, at the real geometry, the exact sampler against ``sampler.cache=ml_cache`` (DiMOO's max-logit cache at its
+released knobs, ``--cache-ratio/--warmup-ratio/--refresh-interval``) and ``ml_cache_fresh``, same steps, CFG and seed,
+interleaved; the last line is ``cached vs exact: R.RRx`` for ``--cache`` (default ml_cache). On the CPU times are
+process CPU seconds (a shared machine stretches wall time, not this process's CPU time); on a GPU, wall seconds.
 
     python experiments/benchmarks/sampler_speed.py                      # both rows, random weights
     python experiments/benchmarks/sampler_speed.py --geometry real      # one row

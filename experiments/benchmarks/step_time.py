@@ -534,7 +534,7 @@ def self_check(tolerance: float = 0.2) -> bool:
     warnings.filterwarnings("ignore")
     c = SELF_CHECK
     torch.manual_seed(0)
-    world = ShapesWorldConfig()
+    world = ShapesWorldConfig.roomy()
     lora = {"r": c["lora_r"], "alpha": 2 * c["lora_r"], "dropout": 0.0}
     policy = build_masked_diffusion_policy(world, d_model=c["d_model"], n_layers=c["n_layers"], n_heads=c["n_heads"],
                                            mlp_ratio=c["mlp_ratio"], lora=lora, gradient_checkpointing=True)

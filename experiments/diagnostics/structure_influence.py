@@ -17,8 +17,8 @@ fraction φ is S, the rest R). Then, per rollout:
 Every image is scored (``probe.score``: the benchmark's verdict, or the configured ``reward``). Per task the probe
 reports the share of the reward variance S explains (``Var(E[f|S]) / Var(f)``, a one-way random-effects ANOVA of
 experiment 1), the share R explains (2), the share a random set of the same size explains (3), and the share
-of single-token influence that falls in S against its chance level ``|S|/N``; 95% intervals bootstrap the prompts. The maths is in
-:mod:`htgrpo.evaluation.structure_influence`. Written to the run folder (``hydra.run.dir``):
+of single-token influence that falls in S against its chance level ``|S|/N``; 95% intervals bootstrap the prompts.
+The maths is in :mod:`htgrpo.evaluation.structure_influence`. Written to the run folder (``hydra.run.dir``):
 ``structure_influence.json`` (settings, per-prompt tables, summary), ``structure_influence.md`` (the table) and
 ``structure_influence.png`` (the plot).
 """
@@ -285,7 +285,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['task']} | {r['prompts']} | {r['mean_score']:.3f} | {r['rollout_variance']:.3f} "
-            f"| {_fmt(r.get('share_S'), r.get('share_S_ci'))} | {_fmt(r.get('share_random'), r.get('share_random_ci'))} "
+            f"| {_fmt(r.get('share_S'), r.get('share_S_ci'))} "
+            f"| {_fmt(r.get('share_random'), r.get('share_random_ci'))} "
             f"| {_fmt(r.get('share_R'), r.get('share_R_ci'))} "
             f"| {_fmt(r.get('share_rest'))} | {_fmt(r.get('influence_share_S'), r.get('influence_share_S_ci'))} "
             f"| {_fmt(r.get('influence_chance'))} | {_fmt(r.get('tokens_changing_score'))} |")

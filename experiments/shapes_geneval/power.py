@@ -71,13 +71,15 @@ def binomial_coefficient(rates_by_task: dict[str, list[float]]) -> float:
 
 
 def training_variance(seed_sds: list[float], B: float, images: int) -> float:
-    """``A = 2 · max(0, mean(sd²) − B / (2 I₀))``: the seed spread of one method minus one evaluation's image noise."""
+    """``A = 2 · max(0, mean(sd²) − B / (2 I₀))``: the seed spread of one method minus one evaluation's image
+    noise."""
     mean_sq = sum(s * s for s in seed_sds) / len(seed_sds)
     return 2.0 * max(0.0, mean_sq - B / (2.0 * images))
 
 
 def calibrate_prompt_term(half_width: float, seeds: int, images: int, A: float, B: float, z: float = Z95) -> float:
-    """``C = max(0, (h / z)² − A / n − 2B / (n I))`` from an observed half-width ``h`` at ``n`` seeds, ``I`` images."""
+    """``C = max(0, (h / z)² − A / n − 2B / (n I))`` from an observed half-width ``h`` at ``n`` seeds and ``I``
+    images per prompt."""
     return max(0.0, (half_width / z) ** 2 - A / seeds - 2.0 * B / (seeds * images))
 
 
@@ -90,7 +92,8 @@ def half_width(c: Components, seeds: int, images: int, prompts_fixed: bool = Fal
 
 def seeds_needed(c: Components, images: int, target: float, prompts_fixed: bool = False,
                  z: float = Z95) -> int | None:
-    """The smallest ``n`` with :func:`half_width` ≤ ``target`` (None: unreachable at any ``n``, i.e. ``z²C ≥ target²``)."""
+    """The smallest ``n`` with :func:`half_width` ≤ ``target`` (None: unreachable at any ``n``, i.e.
+    ``z²C ≥ target²``)."""
     budget = (target / z) ** 2 - (0.0 if prompts_fixed else c.C)
     if budget <= 0:
         return None
@@ -142,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training variance A = 2·σ²_train = {A:.6f} (seed sds {args.seed_sds})")
     print(f"prompt term C = {C:.6f} from the observed mean half-width {h_obs:.4f} at {args.observed_seeds} seeds × "
           f"{args.observed_images} images/prompt; alone it gives ±{Z95 * math.sqrt(C):.4f}")
-    print(f"model check: half-width at the observed design {half_width(c, args.observed_seeds, args.observed_images):.4f}")
+    check = half_width(c, args.observed_seeds, args.observed_images)
+    print(f"model check: half-width at the observed design {check:.4f}")
     print()
     print(f"| images per prompt | validation images | seeds for ±{args.target} (gain.py bootstrap: seeds + prompts) "
           f"| half-width at those seeds | seeds for ±{args.target} with prompts fixed (seed bootstrap) |")

@@ -110,8 +110,8 @@ class GRPOModule(PolicyModule):
         seed: seed of every random draw of a step (combined with rank and rollout step).
         val_seed: validation sampling noise.
         lr_schedule, lr_min_ratio, lr_decay_batches: decay of the rate over rollout batches
-            (:mod:`htgrpo.algorithms.lr_schedule`): ``constant`` | ``linear`` | ``cosine`` down to ``lr_min_ratio · lr``
-            over ``lr_decay_batches`` batches (None: the run's training batches).
+            (:mod:`htgrpo.algorithms.lr_schedule`): ``constant`` | ``linear`` | ``cosine`` down to
+            ``lr_min_ratio · lr`` over ``lr_decay_batches`` batches (None: the run's training batches).
     """
 
     #: key of this module's state in a Lightning checkpoint (kept per module so older checkpoints still load).
@@ -304,7 +304,8 @@ class GRPOModule(PolicyModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         warmup = self.warmup_steps
-        # lr(u) = lr · warmup(u) · decay(rollout batch); decay is exactly 1.0 under `constant` (bit-for-bit the old rate)
+        # lr(u) = lr · warmup(u) · decay(rollout batch); decay is exactly 1.0 under `constant` (the old rate, bit
+        # for bit)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: warmup_factor(u, warmup) * self.lr_decay())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -40,12 +40,14 @@ def toy_masked_diffusion_policy(
 ) -> MaskedDiffusionPolicy:
     """Tiny randomly initialised ShapesWorld policy (~0.9M parameters at the defaults; trains on CPU).
 
+    ``world``: default :meth:`ShapesWorldConfig.roomy` (16 x 16 cells); ``fit`` passes ``conf/world``'s.
+
     ``vocabulary``: the prompt generator's words (default :func:`shapes_vocabulary`); ``mlp_hidden_size`` defaults
     to 3·d_model (LLaDA-8B's ratio, 12288/4096); ``embedding_size`` pads wte/LM head to that many rows (e.g.
     134656 to mimic MMaDA's head width in benchmarks); ``seed`` makes the initialisation reproducible;
     ``grid_position_embedding`` adds learned row/column embeddings at the image tokens (``LLaDAConfig.image_grid``).
     """
-    world = world or ShapesWorldConfig()
+    world = world or ShapesWorldConfig.roomy()  # the 16-cell world its parameter count above is stated for
     text_tok = WordTextTokenizer(shapes_vocabulary() if vocabulary is None else vocabulary)
     image_tok = PaletteImageTokenizer(world.grid_size, world.cell_px)
     layout = T2ISequenceLayout.toy(text_tok, image_tok.codebook_size, image_tok.num_tokens, max_text_len)

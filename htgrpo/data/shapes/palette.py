@@ -8,6 +8,7 @@ is why it is lossless on ShapesWorld scenes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from htgrpo.data.records import GENEVAL_COLORS
 
@@ -54,20 +55,17 @@ def color_index(name: str) -> int:
 class ShapesWorldConfig:
     """Geometry of ShapesWorld scenes.
 
-    Two sets of values are in use, on purpose:
+    The defaults are ``conf/world/shapes.yaml``'s world, which every command (``python -m htgrpo.fit`` /
+    ``evaluate`` / ``generate``) and the shipped warm start use: ``ShapesWorldConfig()`` is grid 11 (121 image
+    tokens), 10 px cells (110 px images), objects of side 5 on a 2 x 2 lattice of places (``position_step`` 6),
+    circle / square / triangle.
 
-    - ``conf/world/shapes.yaml`` is what every command (``python -m htgrpo.fit`` / ``evaluate`` / ``generate``) and
-      the shipped warm start use: grid 11 (121 image tokens), 10 px cells (110 px images), objects of side 5 on a
-      2 x 2 lattice of places (``position_step`` 6), circle / square / triangle. Built in Python with the same
-      values: ``ShapesWorldConfig(grid_size=11, cell_px=10, max_object_size=5, large_size=5, position_step=6)``.
-    - The dataclass defaults below are the original, roomier 16-cell geometry (objects of side 5-7 anywhere), which
-      the unit tests and the benchmark scripts build with ``ShapesWorldConfig()``; their expected numbers were
-      measured on it.
+    :meth:`roomy` is the original, roomier 16-cell geometry (objects of side 5-7 anywhere), on which the unit tests
+    and the benchmark scripts were measured; they build it explicitly, so their expected numbers stay valid.
 
     Attributes:
-        grid_size: cells per side; one image token per cell (dataclass default 16 -> 256 tokens; the shipped
-            config: 11 -> 121).
-        cell_px: pixels per cell side when a scene is rendered to RGB (default 8 -> 128x128 images; shipped: 10).
+        grid_size: cells per side; one image token per cell (default 11 -> 121 tokens; :meth:`roomy`: 16 -> 256).
+        cell_px: pixels per cell side when a scene is rendered to RGB (default 10 -> 110x110 images; roomy: 8).
         shapes: shape classes that prompts may name.
         min_object_size: smallest object side, in cells: >= 4 (below 4 a circle is a full square), >= 5 when
             ``diamond`` is a shape (below 5 circle and diamond coincide).
@@ -82,16 +80,28 @@ class ShapesWorldConfig:
         position_offset: first lattice row/column, in ``[0, position_step)``.
     """
 
-    grid_size: int = 16
-    cell_px: int = 8
+    grid_size: int = 11
+    cell_px: int = 10
     shapes: tuple[str, ...] = DEFAULT_SHAPES
     min_object_size: int = 5
-    max_object_size: int = 7
+    max_object_size: int = 5
     small_size: int = 5
-    large_size: int = 7
+    large_size: int = 5
     detector_cell_noise: float = 0.1
-    position_step: int = 1
+    position_step: int = 6
     position_offset: int = 0
+
+    @classmethod
+    def roomy(cls, **overrides: Any) -> "ShapesWorldConfig":
+        """The original 16-cell geometry, with ``overrides`` on top: 16 x 16 cells (256 image tokens), 8 px cells
+        (128 px images), objects of side 5-7 (``small_size`` 5, ``large_size`` 7) anywhere (``position_step`` 1).
+
+        The unit tests and the benchmark scripts were measured on it (it was the dataclass default before the
+        defaults became ``conf/world/shapes.yaml``'s); the toy policies' default world.
+        """
+        roomy = dict(grid_size=16, cell_px=8, min_object_size=5, max_object_size=7, small_size=5, large_size=7,
+                     position_step=1, position_offset=0)
+        return cls(**{**roomy, **overrides})
 
     def __post_init__(self) -> None:
         # Hydra hands lists over as ListConfig; keep the dataclass hashable and immutable.

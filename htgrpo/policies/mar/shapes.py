@@ -270,13 +270,16 @@ class ShapesMARPolicy(WrapsMAR, nn.Module):
             condition_to_latent: bool = False, seed: int = 0) -> "ShapesMARPolicy":
         """A randomly initialised ShapesWorld MAR (same encoder/decoder width ``d_model`` and depth ``n_layers``).
 
+        ``world``: default :meth:`ShapesWorldConfig.roomy` (16 x 16 cells); ``build_mar_policy`` passes
+        ``conf/world``'s.
+
         ``pos_embed_init="sincos"`` starts the grid rows of the three learned position embeddings from 2-d sin-cos
         embeddings (MAE's fixed ones; still learned): a tiny model then knows which cells are neighbours from step 0
         instead of having to discover the grid (``"random"``: LTH14's N(0, 0.02)).
         """
         from htgrpo.data.shapes.prompts import VOCABULARY
 
-        world = world or ShapesWorldConfig()
+        world = world or ShapesWorldConfig.roomy()  # the 16-cell world the toy models were sized on
         text_tok = WordTextTokenizer(list(VOCABULARY) if vocabulary is None else vocabulary)
         image_tok = PaletteImageTokenizer(world.grid_size, world.cell_px)
         token_dim = PaletteTokenCodec(image_tok, token_scale, token_code).token_dim
