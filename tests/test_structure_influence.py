@@ -181,6 +181,27 @@ def test_structure_influence_script_runs(tmp_path):
     assert (out / "structure_influence.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_structure_influence_script_runs_on_the_mmada_layout(tmp_path):
+    """A tiny random checkpoint in MMaDA's released format, its sampler and a continuous reward."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    ckpt = tmp_path / "mmada"
+    made = subprocess.run([sys.executable, "-m", "htgrpo.tiny_checkpoint", "mmada", str(ckpt)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
+    overrides = made.stdout.strip().splitlines()[-1].split()
+    out = tmp_path / "probe"
+    cmd = [sys.executable, str(REPO / "experiments" / "diagnostics" / "structure_influence.py"), *overrides,
+           "sampler=mmada", "sampler.num_steps=4", "probe.score=reward", "reward=jpeg_compressibility",
+           "probe.prompts_per_task=1", "probe.rollouts=2", "probe.resamples=2", "probe.bootstrap=50",
+           f"hydra.run.dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "structure_influence.json").read_text())
+    assert result["sampler"]["name"] == "maskgit" and result["settings"]["score"] == "reward"
+    assert len(result["prompts"]) == 6
+
+
 def _load_script():
     import importlib.util
 
@@ -216,3 +237,10 @@ def test_pick_prompts_takes_per_task_in_task_order():
     assert [p.group for p in chosen] == ["a", "a", "b", "b", "c", "c"]
     assert len({p.key for p in chosen}) == 6
     assert chosen == script.pick_prompts(prompts, 2, seed=0)
+
+
+def test_probe_config_composes_with_the_experiments_sampler(compose):
+    cfg = compose("structure_influence", [])
+    assert cfg.sampler.name == "emerge" and cfg.sampler.num_steps == 12   # conf/experiment/shapes_ht.yaml's rollouts
+    assert cfg.policy.init == "pretrained" and cfg.probe.partition.fraction == 0.25
+    assert compose("structure_influence", ["sampler=maskgit"]).sampler.num_steps == 12

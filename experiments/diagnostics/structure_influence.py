@@ -375,7 +375,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     probes = [prober.probe_prompt(p) for p in track(prompts, description="probing prompts")]
     rows = summarise(probes, settings.bootstrap, int(cfg.seed))
-    source = str(cfg.ckpt_path) if cfg.get("ckpt_path") else str(cfg.policy.get("pretrained_path") or "policy")
+    source = str(cfg.ckpt_path) if cfg.get("ckpt_path") else str(
+        cfg.policy.get("pretrained_path") or cfg.policy.get("pretrained") or cfg.policy.get("_target_", "policy"))
     title = (f"structure influence: {source} | {benchmark.name}, sampler {sampler.name} T={sampler.num_steps}, "
              f"φ={settings.fraction} ({settings.partition_key}), n={settings.rollouts}, M={settings.resamples}")
     table = format_table(rows)

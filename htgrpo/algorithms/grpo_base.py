@@ -306,7 +306,8 @@ class GRPOModule(PolicyModule):
         warmup = self.warmup_steps
         # lr(u) = lr · warmup(u) · decay(rollout batch); decay is exactly 1.0 under `constant` (the old rate, bit
         # for bit)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: warmup_factor(u, warmup) * self.lr_decay())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda u: warmup_factor(u, warmup) * self.lr_decay())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lr_decay_total_batches(self) -> int:
