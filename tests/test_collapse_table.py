@@ -1,0 +1,84 @@
+"""experiments/shapes_geneval/collapse.py: run folders -> JSON rows -> the β trade-off table (issue 19, item 3), on
+hand-made run folders whose gains, ratios and verdicts are known by construction."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT, load_script
+
+STUDY = REPO_ROOT / "experiments" / "shapes_geneval"
+sys.path.insert(0, str(STUDY))  # collapse imports gain from its own folder
+collapse = load_script("study_collapse", STUDY / "collapse.py")
+
+PROMPTS = {"colors": ["00000", "00001"], "counting": ["00002", "00003"]}
+
+
+def _fake_run(root, name, seed, beta, correct_before, correct_after, divergence, per_prompt, lr=1e-4):
+    """A fit run folder: 2 tasks × 2 prompts × 2 images, every image correct iff ``correct_*``."""
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    config = {"seed": seed, "algorithm": {"beta": beta, "lr": lr}, "trainer": {"max_steps": 40}}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    for stage, ok in (("start", correct_before), ("end", correct_after)):
+        with open(run / f"val_{stage}_images.jsonl", "w") as fh:
+            for task, keys in PROMPTS.items():
+                for key in keys:
+                    for index in range(2):
+                        fh.write(json.dumps({"key": key, "image_index": index, "tag": task, "correct": ok}) + "\n")
+    summary = {"val_start": {"geneval/overall": float(correct_before), "diversity/color_divergence": divergence[0],
+                             "diversity/per_prompt": per_prompt[0]},
+               "val_end": {"geneval/overall": float(correct_after), "diversity/color_divergence": divergence[1],
+                           "diversity/per_prompt": per_prompt[1]},
+               "steps": 40, "seconds": 1.0}
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def _rows(tmp_path, runs):
+    rows_dir = tmp_path / "rows"
+    rows_dir.mkdir()
+    for run in runs:
+        row = collapse.collect_run(run, None)
+        (rows_dir / f"{row['setting']}_s{row['seed']}.json").write_text(json.dumps(row))
+    return [collapse.load_row(p) for p in sorted(rows_dir.glob("*.json"))]
+
+
+def test_meets_target_boundaries():
+    assert collapse.meets_target(0.10, 0.01, 1.10, 0.90)
+    assert not collapse.meets_target(0.099, 0.01, 1.0, 1.0)  # gain below +0.10
+    assert not collapse.meets_target(0.2, 0.0, 1.0, 1.0)  # interval touches 0
+    assert not collapse.meets_target(0.2, 0.1, 1.11, 1.0)  # colour divergence 11% above the warm start's
+    assert not collapse.meets_target(0.2, 0.1, 1.0, 0.89)  # per-prompt diversity 11% below
+
+
+def test_table_gain_interval_ratios_and_verdicts(tmp_path):
+    runs = [
+        # β = 0.3: every image wrong -> right (gain 1 in every resample), diversity within the band
+        _fake_run(tmp_path, "b3_s0", 0, 0.3, False, True, (0.020, 0.021), (0.80, 0.76)),
+        _fake_run(tmp_path, "b3_s1", 1, 0.3, False, True, (0.020, 0.021), (0.80, 0.76)),
+        # the default β: the same gain, but collapsed colours (only the diversity band fails it)
+        _fake_run(tmp_path, "d_s0", 0, 0.01, False, True, (0.020, 0.200), (0.80, 0.60)),
+        _fake_run(tmp_path, "d_s1", 1, 0.01, False, True, (0.020, 0.200), (0.80, 0.60)),
+    ]
+    text = collapse.table(_rows(tmp_path, runs), resamples=200)
+    beta3 = next(line for line in text.splitlines() if line.startswith("| beta0.3 (0.3) | 0, 1 |"))
+    default = next(line for line in text.splitlines() if line.startswith("| beta0.01 (0.01, default) | 0, 1 |"))
+    assert "+1.000 [+1.000, +1.000]" in beta3
+    assert "+0.000 [+0.000, +0.000] (seeds 0, 1)" in beta3  # gain minus the default's, paired by seed
+    assert "0.0200 → 0.0210 (1.05;" in beta3 and "0.8000 → 0.7600 (0.95;" in beta3
+    assert beta3.endswith("| yes (2 seeds) |")
+    assert "| +1.000 [+1.000, +1.000] | – |" in default and "(10.00;" in default and "(0.75;" in default
+    assert default.endswith("| no (2 seeds) |")
+    assert "| beta0.3 (0.3) | 1 | 0.000 → 1.000 (+1.000) |" in text
+
+
+def test_runs_of_one_setting_must_differ_only_in_seed(tmp_path):
+    runs = [_fake_run(tmp_path, "a", 0, 0.3, False, True, (0.02, 0.02), (0.8, 0.8)),
+            _fake_run(tmp_path, "b", 1, 0.3, False, True, (0.02, 0.02), (0.8, 0.8), lr=3e-4)]
+    with pytest.raises(SystemExit, match="algorithm.lr"):
+        collapse.table(_rows(tmp_path, runs), resamples=10)
