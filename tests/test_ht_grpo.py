@@ -218,6 +218,8 @@ def test_ddp_two_cpu_processes(tmp_path):
             "+callbacks.rank_probe._target_=ddp_probe.RankProbe", f"+callbacks.rank_probe.out_dir={probe}"]
     env = dict(os.environ, HTGRPO_ROOT=str(tmp_path), HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(Path(__file__).parent)]))
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        env.pop(name, None)  # a fresh rendezvous: Lightning picks a free port, as in a user's shell
     proc = subprocess.run([sys.executable, "-m", "htgrpo.fit", *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

@@ -178,7 +178,8 @@ def table(rows: list[RunRow], resamples: int) -> str:
             before = _mean([r.val_start.get(key, math.nan) for r in runs])
             after = _mean([r.val_end.get(key, math.nan) for r in runs])
             ratios.append(ratio(after, before))
-            each = " / ".join(f"{r.val_end.get(key, math.nan):.3f}" for r in runs)
+            digits = 4 if key == COLOR_DIVERGENCE else 3  # divergences near the warm start's are ~0.02
+            each = " / ".join(f"{r.val_end.get(key, math.nan):.{digits}f}" for r in runs)
             cells.append(f"{before:.4f} → {after:.4f} ({ratios[-1]:.2f}; {each})")
         met = meets_target(point, lo, ratios[0], ratios[1])
         verdict = ("yes" if met else "no") + ("" if len(runs) >= 3 else f" ({len(runs)} seed{'s' * (len(runs) > 1)})")
