@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling load test's percentile
 
 import torch  # noqa: E402
 
@@ -53,6 +54,7 @@ from htgrpo.data.shapes.palette import ShapesWorldConfig  # noqa: E402
 from htgrpo.reward_http import TOKEN_ENV  # noqa: E402
 from htgrpo.rewards.remote import RemoteReward  # noqa: E402
 from htgrpo.rewards.shapes import ShapesPromptReward  # noqa: E402
+from reward_server import percentile  # noqa: E402
 
 
 def _conf_world() -> ShapesWorldConfig:
@@ -66,13 +68,6 @@ def _conf_world() -> ShapesWorldConfig:
 WORLD = _conf_world()
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The ``q``-quantile (0..1) by linear interpolation between closest ranks (numpy's default)."""
-    s = sorted(values)
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 # ---- the server process ---------------------------------------------------------------------------------------
