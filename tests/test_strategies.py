@@ -7,7 +7,6 @@ rank; the two-rank FSDP run (sharding for real, resume through a sharded folder,
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import lightning as L
@@ -37,21 +36,10 @@ from test_cli import run_cli
 from test_ht_grpo import WORLD, make_module, tiny_policy
 
 
-RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
-
-
 @pytest.fixture
 def single_rank_group():
-    """Tear down the process group (and DeepSpeed's handle on it) an in-process strategy run initialises, and give
-    back the rendezvous variables it set: a later test's subprocess would otherwise inherit ``MASTER_PORT``, whose
-    store this process may still hold (EADDRINUSE in ``test_ddp_two_cpu_processes``)."""
-    saved = {k: os.environ.get(k) for k in RENDEZVOUS_VARIABLES}
+    """Tear down the process group (and DeepSpeed's handle on it) an in-process strategy run initialises."""
     yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     try:  # DeepSpeed caches its communicator and the groups made from the destroyed world group
