@@ -49,12 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling load tes
 
 import torch  # noqa: E402
 
-from htgrpo.data.prompt_sets import ShapesPromptStream  # noqa: E402
 from htgrpo.data.shapes.palette import ShapesWorldConfig  # noqa: E402
 from htgrpo.reward_http import TOKEN_ENV  # noqa: E402
 from htgrpo.rewards.remote import RemoteReward  # noqa: E402
 from htgrpo.rewards.shapes import ShapesPromptReward  # noqa: E402
-from reward_server import percentile  # noqa: E402
+from reward_server import make_batches, percentile  # noqa: E402
 
 
 def _conf_world() -> ShapesWorldConfig:
@@ -112,15 +111,6 @@ class ServerProcess:
 
 
 # ---- checked load -----------------------------------------------------------------------------------------------
-def make_payloads(n: int, batch: int, seed: int = 0) -> list[tuple[torch.Tensor, list[Any]]]:
-    stream = ShapesPromptStream(WORLD, seed=seed, dpg_fraction=0.5, with_images=True)
-    out = []
-    for i in range(n):
-        items = [stream[i * batch + j] for j in range(batch)]
-        out.append((torch.stack([it.image for it in items]), [it.prompt.record for it in items]))
-    return out
-
-
 def checked_load(url: str, payloads: list, expected: list[torch.Tensor], clients: int, total: int | None,
                  seconds: float | None, token: str | None = None, rate: float = 0.0,
                  on_tick: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -173,7 +163,7 @@ def checked_load(url: str, payloads: list, expected: list[torch.Tensor], clients
 
 
 def mode_load(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    payloads = make_payloads(args.distinct, args.batch)
+    payloads = make_batches(WORLD, args.distinct, args.batch)
     reward = ShapesPromptReward(WORLD, "partial")
     expected = [reward(im, rec) for im, rec in payloads]
     server = ServerProcess(workdir)
@@ -196,7 +186,7 @@ def mode_load(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def mode_soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    payloads = make_payloads(args.distinct, args.batch)
+    payloads = make_batches(WORLD, args.distinct, args.batch)
     reward = ShapesPromptReward(WORLD, "partial")
     expected = [reward(im, rec) for im, rec in payloads]
     server = ServerProcess(workdir)

@@ -32,7 +32,7 @@ from torch import Tensor
 from htgrpo.algorithms.base import PolicyModule
 from htgrpo.algorithms.lr_schedule import lr_decay_factor, validate_lr_schedule, warmup_factor
 from htgrpo.algorithms.grpo_math import LOSS_TYPES, SCALE_REWARDS, GroupAdvantages, group_advantages
-from htgrpo.config import require, require_choice, require_range
+from htgrpo.config import ConfigError, require, require_choice, require_range
 from htgrpo.evaluation.benchmark import Benchmark
 from htgrpo.policies.lora import (
     keep_trainable_fp32,
@@ -320,8 +320,6 @@ class GRPOModule(PolicyModule):
         epochs = float(trainer.max_epochs) if trainer is not None and (trainer.max_epochs or -1) > 0 else math.inf
         total = per_epoch * epochs
         if not math.isfinite(total) or total < 1:
-            from htgrpo.config import ConfigError
-
             raise ConfigError("lr_decay_batches", f"lr_schedule={self.lr_schedule} needs the run's length in rollout "
                                                   "batches: set algorithm.lr_decay_batches (the trainer gives none)")
         return int(total)

@@ -57,14 +57,13 @@ from PIL import Image
 from htgrpo.config import ConfigError, require, require_choice
 from htgrpo.data.records import record_prompt
 from htgrpo.rewards.base import Reward, RewardOutput, check_images
+from htgrpo.rewards.remote import TRANSIENT_STATUSES  # the statuses worth retrying: timeouts, rate limits, 5xx
 
 log = logging.getLogger("htgrpo.rewards.vlm_judge")
 
 PARSE_RULES: tuple[str, ...] = ("number", "yes_no_logprob", "json")
 _FIRST_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-#: HTTP statuses worth retrying: rate limits and server-side failures (a 4xx other than 429 is our request's fault).
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 # ---- parsing rules (pure functions) ---------------------------------------------------------------------------
@@ -208,7 +207,7 @@ class VLMJudgeReward(Reward):
         api_key_env: name of the environment variable holding the API key (null = no Authorization header).
         concurrency: requests in flight at once (a bounded thread pool per batch).
         timeout: seconds to wait for one request.
-        retries: extra tries after a connection error, timeout or HTTP 408 / 429 / 5xx.
+        retries: extra tries after a connection error, timeout or HTTP 408 / 425 / 429 / 5xx.
         retry_wait: seconds before the first retry (doubling each retry).
         max_tokens, temperature: generation settings of the judge.
         extra_body: more request fields, merged in (e.g. vLLM's ``top_k``, ``chat_template_kwargs``).
@@ -344,7 +343,7 @@ class VLMJudgeReward(Reward):
 
     # -- one request -------------------------------------------------------------------------------------------------
     def _request(self, method: str, url: str, payload: bytes | None) -> Any:
-        """One HTTP exchange with retries on connection errors, timeouts and HTTP 408/429/5xx (``retry_wait``,
+        """One HTTP exchange with retries on connection errors, timeouts and HTTP 408/425/429/5xx (remote.TRANSIENT_STATUSES) (``retry_wait``,
         doubling). Returns the decoded JSON body; raises the last error."""
         wait = self.retry_wait
         for attempt in range(self.retries + 1):
@@ -357,7 +356,7 @@ class VLMJudgeReward(Reward):
                     return json.loads(resp.read())
             except urllib.error.HTTPError as err:
                 err.read()
-                if err.code not in RETRY_STATUSES or attempt == self.retries:
+                if err.code not in TRANSIENT_STATUSES or attempt == self.retries:
                     raise
             except (urllib.error.URLError, OSError) as err:  # refused, reset, timed out
                 if attempt == self.retries:
