@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from htgrpo.algorithms.base import PolicyModule
+from htgrpo.algorithms.diversity_bonus import DiversityBonus, RolloutColorSpread, group_diversity_bonus
 from htgrpo.algorithms.lr_schedule import lr_decay_factor, validate_lr_schedule, warmup_factor
 from htgrpo.algorithms.grpo_math import LOSS_TYPES, SCALE_REWARDS, GroupAdvantages, group_advantages
 from htgrpo.config import ConfigError, require, require_choice, require_range
@@ -112,6 +113,8 @@ class GRPOModule(PolicyModule):
         lr_schedule, lr_min_ratio, lr_decay_batches: decay of the rate over rollout batches
             (:mod:`htgrpo.algorithms.lr_schedule`): ``constant`` | ``linear`` | ``cosine`` down to
             ``lr_min_ratio · lr`` over ``lr_decay_batches`` batches (None: the run's training batches).
+        diversity_bonus: group-diversity reward shaping ``{weight, feature, levels}``
+            (:mod:`htgrpo.algorithms.diversity_bonus`); weight 0 (the default) leaves the reward as it is.
     """
 
     #: key of this module's state in a Lightning checkpoint (kept per module so older checkpoints still load).
@@ -150,6 +153,7 @@ class GRPOModule(PolicyModule):
         lr_schedule: str = "constant",
         lr_min_ratio: float = 0.0,
         lr_decay_batches: int | None = None,
+        diversity_bonus: Mapping[str, Any] | None = None,
     ):
         super().__init__(policy, benchmark, sampler, val_seed)
         self.automatic_optimization = False
@@ -179,6 +183,7 @@ class GRPOModule(PolicyModule):
         self.seed = int(seed)
         self.lr_schedule, self.lr_min_ratio, self.lr_decay_batches = validate_lr_schedule(
             lr_schedule, lr_min_ratio, lr_decay_batches)
+        self.diversity_bonus = DiversityBonus.from_config(as_dict(diversity_bonus))
 
         # The frozen reference: a copy of the starting policy (skipped when beta = 0). Frozen parameters are never
         # given to the optimiser, and sharding strategies leave it unwrapped (htgrpo.strategies).
@@ -186,6 +191,7 @@ class GRPOModule(PolicyModule):
         # A buffer, so the counter travels with the weights (ddp_spawn copies them back to the main process).
         self.register_buffer("rollout_counter", torch.zeros((), dtype=torch.long))
         self.last_reward_output: RewardOutput | None = None
+        self.last_color_spread: RolloutColorSpread | None = None  # colour spread of the last rollout (logged)
         self.last_timings: dict[str, float] = {}  # seconds of the last step's phases (rollout, reward, update ...)
         self.consecutive_unscored_batches = 0  # rollout batches in a row with no finite reward (skip_unscored_batch)
         self.reward_failure: str | None = None  # set when they reach the reward's max_failed_batches: the run stops
@@ -241,8 +247,34 @@ class GRPOModule(PolicyModule):
             output = safe_score(self.reward_fn, rollout.images, [p.record for p in rollout.prompts])
         if len(output) != len(rollout):
             raise RuntimeError(f"reward returned {len(output)} values for {len(rollout)} images")
+        features = self.rollout_color_features(rollout)
+        self.last_color_spread = None if features is None else RolloutColorSpread.of(features, self.num_generations)
+        if self.diversity_bonus.enabled:
+            if features is None:
+                raise RuntimeError("algorithm.diversity_bonus needs the rollout's images as uint8 (N, 3, H, W) in "
+                                   f"groups of num_generations={self.num_generations}")
+            output = self.shape_with_diversity(output, features)
         self.last_reward_output = output
         return output.scores
+
+    def rollout_color_features(self, rollout: Any) -> Tensor | None:
+        """Colour histograms of the rollout's images (``diversity_bonus.features``), or None when the rollout has no
+        uint8 ``(N, 3, H, W)`` images in whole groups."""
+        images = getattr(rollout, "images", None)
+        if (not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4
+                or images.shape[1] != 3 or images.shape[0] % self.num_generations):
+            return None
+        return self.diversity_bonus.features(images)
+
+    def shape_with_diversity(self, output: RewardOutput, features: Tensor) -> RewardOutput:
+        """``reward + weight · bonus`` (:mod:`htgrpo.algorithms.diversity_bonus`) from the rollout's colour
+        features; the unshaped reward and the bonus are kept as components ``task`` and ``diversity_bonus`` (logged
+        as ``train/reward/<name>``)."""
+        bonus = group_diversity_bonus(features, self.num_generations)
+        components = dict(output.components)
+        components["task"] = output.scores
+        components["diversity_bonus"] = bonus
+        return RewardOutput(output.scores + self.diversity_bonus.weight * bonus, components, output.num_failed)
 
     def skip_unscored_batch(self, rollout: Any, rewards: Tensor, timings: dict[str, float]) -> bool:
         """Whether this rollout batch must not be trained on because none of its rewards is finite.
@@ -402,6 +434,8 @@ class GRPOModule(PolicyModule):
             log[f"train/reward/{group}"] = sum(values) / len(values)
         if self.last_reward_output is not None:
             log.update(reward_log(self.last_reward_output))
+        if getattr(self, "last_color_spread", None) is not None:
+            log.update(self.last_color_spread.log())
         return log
 
     @staticmethod

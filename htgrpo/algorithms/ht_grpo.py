@@ -82,6 +82,7 @@ class HTGRPO(GRPOModule):
         credit: ``{kind: binary|soft|uniform, alpha, gamma, normalize}``.
         stages: ``{n_global, n_struct, n_refine, mode: inner|outer, scored_fraction: ρ}``.
         lr, weight_decay, betas, warmup_steps: AdamW and its linear warm-up (in optimiser updates).
+        diversity_bonus: group-diversity reward shaping (:mod:`htgrpo.algorithms.diversity_bonus`; weight 0 = off).
         lr_schedule, lr_min_ratio, lr_decay_batches: decay of the rate over rollout batches
             (:mod:`htgrpo.algorithms.lr_schedule`; constant by default).
         max_grad_norm: gradient-norm clip per update (0 disables).
@@ -127,13 +128,15 @@ class HTGRPO(GRPOModule):
         lr_schedule: str = "constant",
         lr_min_ratio: float = 0.0,
         lr_decay_batches: int | None = None,
+        diversity_bonus: Mapping[str, Any] | None = None,
     ):
         # Common keys, reference policy, rollout counter (grpo_base.GRPOModule): validated there with their names.
         super().__init__(policy, reward, benchmark, sampler, rollout_sampler, num_generations=num_generations,
                          scale_rewards=scale_rewards, beta=beta, epsilon=epsilon, epsilon_high=epsilon_high,
                          loss_type=loss_type, lr=lr, weight_decay=weight_decay, betas=betas,
                          warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, seed=seed, val_seed=val_seed,
-                         lr_schedule=lr_schedule, lr_min_ratio=lr_min_ratio, lr_decay_batches=lr_decay_batches)
+                         lr_schedule=lr_schedule, lr_min_ratio=lr_min_ratio, lr_decay_batches=lr_decay_batches,
+                         diversity_bonus=diversity_bonus)
 
         # --- validate every HT-GRPO key up front: a bad value fails at start-up with its name -------------------
         require(micro_batch_size is None or int(micro_batch_size) >= 1, "micro_batch_size",
@@ -197,7 +200,8 @@ class HTGRPO(GRPOModule):
         timings["reward"] = time.perf_counter() - t0
         if self.skip_unscored_batch(rollout, rewards, timings):     # no finite reward: never train on it
             return
-        finite = rewards[torch.isfinite(rewards)]
+        task = self.last_reward_output.components.get("task", rewards)  # unshaped when diversity_bonus is on
+        finite = task[torch.isfinite(task)]
         self.reward_history.append(float(finite.mean()) if finite.numel() else math.nan)  # fit's reward-curve summary
 
         scored = self.score(rollout, rewards)                        # 3–4. advantages, partition, credit

@@ -296,6 +296,7 @@ class MARGRPO(GRPOModule):
         lr_schedule: str = "constant",
         lr_min_ratio: float = 0.0,
         lr_decay_batches: int | None = None,
+        diversity_bonus: Mapping[str, Any] | None = None,
     ):
         require_mar_sampler(sampler, "sampler")
         require_mar_sampler(rollout_sampler, "rollout_sampler")
@@ -307,7 +308,8 @@ class MARGRPO(GRPOModule):
                          num_generations=num_generations, scale_rewards=scale_rewards, beta=beta, epsilon=epsilon,
                          epsilon_high=epsilon_high, loss_type=loss_type, lr=lr, weight_decay=weight_decay, betas=betas,
                          warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, seed=seed, val_seed=val_seed,
-                         lr_schedule=lr_schedule, lr_min_ratio=lr_min_ratio, lr_decay_batches=lr_decay_batches)
+                         lr_schedule=lr_schedule, lr_min_ratio=lr_min_ratio, lr_decay_batches=lr_decay_batches,
+                         diversity_bonus=diversity_bonus)
 
         # --- validate every MAR-GRPO key up front: a bad value fails at start-up with its name --------------------
         require_choice(ratio_mode, RATIO_MODES, "ratio_mode")
