@@ -67,7 +67,7 @@ def test_table_gain_interval_ratios_and_verdicts(tmp_path):
     ]
     text = collapse.table(_rows(tmp_path, runs), resamples=200)
     beta3 = next(line for line in text.splitlines() if line.startswith("| beta0.3 (0.3) | 0, 1 |"))
-    default = next(line for line in text.splitlines() if line.startswith("| beta0.01 (0.01, default) | 0, 1 |"))
+    default = next(line for line in text.splitlines() if line.startswith("| beta0.01 (0.01, reference) | 0, 1 |"))
     assert "+1.000 [+1.000, +1.000]" in beta3
     assert "+0.000 [+0.000, +0.000] (seeds 0, 1)" in beta3  # gain minus the default's, paired by seed
     assert "0.0200 → 0.0210 (1.05;" in beta3 and "0.8000 → 0.7600 (0.95;" in beta3
@@ -75,6 +75,23 @@ def test_table_gain_interval_ratios_and_verdicts(tmp_path):
     assert "| +1.000 [+1.000, +1.000] | – |" in default and "(10.00;" in default and "(0.75;" in default
     assert default.endswith("| no (2 seeds) |")
     assert "| beta0.3 (0.3) | 1 | 0.000 → 1.000 (+1.000) |" in text
+    assert text.splitlines()[2].startswith("| setting (β) |") and text.splitlines()[4].startswith("| beta0.01 (")
+
+
+def test_reference_is_named_not_guessed_from_beta(tmp_path):
+    # two settings at the same β (a method table): the reference is the one named, and listed first
+    runs = [_fake_run(tmp_path, "a_s0", 0, 0.01, False, True, (0.02, 0.02), (0.8, 0.8)),
+            _fake_run(tmp_path, "b_s0", 0, 0.01, False, False, (0.02, 0.02), (0.8, 0.8))]
+    rows = []
+    for run, name in zip(runs, ("MaskGRPO", "HT-GRPO")):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(collapse.collect_run(run, name)))
+        rows.append(collapse.load_row(path))
+    text = collapse.table(rows, resamples=50, reference="HT-GRPO", title="by method")
+    lines = text.splitlines()
+    assert lines[0].startswith("by method;") and "gain − HT-GRPO's" in lines[2]
+    assert lines[4].startswith("| HT-GRPO (0.01, reference) | 0 | +0.000") and "| – |" in lines[4]
+    assert lines[5].startswith("| MaskGRPO (0.01) | 0 | +1.000") and "+1.000 [+1.000, +1.000] (seeds 0)" in lines[5]
 
 
 def test_runs_of_one_setting_must_differ_only_in_seed(tmp_path):

@@ -114,6 +114,19 @@ def test_metric_hand_computed_on_two_red_circles():
     assert out["coverage_ratio"] == pytest.approx(1.0)  # the oracle draws one 5-cell circle too
     assert out["object_size"] == pytest.approx(5.0) and out["object_size_ratio"] == pytest.approx(1.0)
     assert out["objects_per_image"] == 1.0 and out["objects_ratio"] == 1.0
+    assert out["stray_share"] == 0.0        # every painted cell is in a detected circle
+
+
+def test_stray_share_counts_painted_cells_outside_every_object():
+    """A 5-cell red circle (21 cells) plus 3 isolated speckle cells of other colours: 3 of 24 painted cells stray."""
+    bench = Benchmark(ShapesGenEvalPrompts(world=WORLD, per_task=1, seed=43), ShapesGenEvalScorer(WORLD), 1)
+    rec = _record("a photo of a circle", GenEvalRequirement("circle", 1))
+    cells = image_to_cells(_image(ShapeObject("circle", "red", 0, 0, 5))[None].numpy(), WORLD.grid_size)
+    for (y, x), colour in zip([(9, 9), (9, 1), (1, 9)], ("green", "blue", "white")):
+        assert cells[0, y, x] == 0
+        cells[0, y, x] = color_index(colour)
+    out = _diversity(bench, [_prompt("0", rec)], torch.as_tensor(cells_to_image(cells, WORLD.cell_px)))
+    assert out["stray_share"] == pytest.approx(3 / 24)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +163,7 @@ def test_oracle_is_faithful_and_a_one_colour_collapse_is_seen(oracle_and_collaps
     assert bad["top_color_share"] > 0.6 > ref["top_color_share"]
     assert bad["per_prompt_color"] < 0.5 * ref["per_prompt_color"]
     assert bad["per_prompt"] < ref["per_prompt"]
+    assert ref["stray_share"] < 0.02 and bad["stray_share"] < 0.02  # clean shapes, whatever their colour
 
 
 def test_grown_objects_raise_coverage_ratio():

@@ -136,23 +136,28 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def table(rows: list[RunRow], resamples: int) -> str:
-    """The markdown table (see the module docstring)."""
+DEFAULT_TITLE = "HT-GRPO main command (`experiment=shapes_ht`, 40 rollout steps) by setting"
+
+
+def table(rows: list[RunRow], resamples: int, reference: str = f"beta{DEFAULT_BETA:g}",
+          title: str = DEFAULT_TITLE) -> str:
+    """The markdown table (see the module docstring); ``reference`` names the setting every other one is compared
+    with (paired, same seeds)."""
     by_setting: dict[str, list[RunRow]] = defaultdict(list)
     for row in rows:
         by_setting[row.setting].append(row)
     for runs in by_setting.values():
         runs.sort(key=lambda r: r.seed)
         check_same_setting(runs)
-    settings = sorted(by_setting, key=lambda s: (by_setting[s][0].beta, s))
+    settings = sorted(by_setting, key=lambda s: (s != reference, by_setting[s][0].beta, s))
     keys_by_task = rows[0].keys_by_task
     if any(r.keys_by_task != keys_by_task for r in rows):
         raise SystemExit("the runs were validated on different prompts; their gains cannot be pooled")
-    default = next((s for s in settings if by_setting[s][0].beta == DEFAULT_BETA), None)
+    default = reference if reference in by_setting else None
     ones = {t: np.ones(len(k)) for t, k in keys_by_task.items()}
 
     lines = [
-        "| setting (β) | seeds | GenEval gain, mean [95% CI] | gain − default's [95% CI] | color_divergence start → end "
+        f"| setting (β) | seeds | GenEval gain, mean [95% CI] | gain − {reference}'s [95% CI] | color_divergence start → end "
         "(ratio; per seed end) | per_prompt start → end (ratio; per seed end) | target met |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -184,7 +189,7 @@ def table(rows: list[RunRow], resamples: int) -> str:
         met = meets_target(point, lo, ratios[0], ratios[1])
         verdict = ("yes" if met else "no") + ("" if len(runs) >= 3 else f" ({len(runs)} seed{'s' * (len(runs) > 1)})")
         beta = runs[0].beta
-        name = f"{setting} ({beta:g}{', default' if beta == DEFAULT_BETA else ''})"
+        name = f"{setting} ({beta:g}{', reference' if setting == default else ''})"
         lines.append(f"| {name} | {', '.join(str(r.seed) for r in runs)} | {point:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
                      f"{versus} | {cells[0]} | {cells[1]} | {verdict} |")
         for r in runs:
@@ -194,7 +199,7 @@ def table(rows: list[RunRow], resamples: int) -> str:
                             f"{r.val_start[PER_PROMPT]:.3f} → {r.val_end[PER_PROMPT]:.3f} |")
     n_prompts = sum(len(k) for k in keys_by_task.values())
     return "\n".join([
-        f"HT-GRPO main command (`experiment=shapes_ht`, 40 rollout steps) by KL weight β; ShapesWorld-GenEval "
+        f"{title}; ShapesWorld-GenEval "
         f"validation, {n_prompts} prompts. Gain interval: {resamples} paired bootstrap resamples of the seeds and, "
         f"within each task, of the prompts (`gain.py`). Target: gain ≥ +{GAIN_TARGET:.2f} with the interval above 0, "
         f"color_divergence ≤ {1 + DIVERSITY_BAND:.2f}× and per_prompt ≥ {1 - DIVERSITY_BAND:.2f}× the warm start's "
@@ -213,6 +218,9 @@ def main() -> None:
     parser.add_argument("--rows", type=Path, default=HERE / "collapse" / "runs")
     parser.add_argument("--out", type=Path, default=HERE / "collapse" / "collapse.md")
     parser.add_argument("--resamples", type=int, default=10000)
+    parser.add_argument("--reference", default=f"beta{DEFAULT_BETA:g}",
+                        help="setting the others are compared with (paired, same seeds); default the main command's")
+    parser.add_argument("--title", default=DEFAULT_TITLE, help="first words of the table's caption")
     args = parser.parse_args()
 
     args.rows.mkdir(parents=True, exist_ok=True)
@@ -224,7 +232,7 @@ def main() -> None:
     paths = sorted(args.rows.glob("*.json"))
     if not paths:
         raise SystemExit(f"{args.rows}: no run rows; add some with --collect RUN_DIR")
-    text = table([load_row(p) for p in paths], args.resamples)
+    text = table([load_row(p) for p in paths], args.resamples, args.reference, args.title)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
     print(text)

@@ -22,6 +22,9 @@ are read from the ShapesWorld detector's output (the same detections the GenEval
 * ``diversity/objects_per_image``: detected objects per image; ``diversity/objects_ratio`` = that / the oracle's (the
   oracle draws exactly the objects a prompt asks for; GenEval does not penalise extra objects on most tasks, so a
   policy can paint more of them to raise its chance of showing the asked-for class).
+* ``diversity/stray_share`` (lower is better, in [0, 1]): share of the painted (non-background) cells that lie in no
+  detected object: speckle, ragged fringes and blobs too malformed to read. Oracle scenes score 0; a policy that
+  paints noisy colour to look diverse shows here.
 
 The oracle reference (:class:`OracleReference`) renders ``images_per_prompt`` scenes per prompt with the oracle's
 sampler (``htgrpo.data.shapes.sampler.scene_for_record``), seeded by the prompt key, and detects them once; it is
@@ -47,7 +50,8 @@ DETECTION_THRESHOLD = 0.3
 0.9 threshold is a counting rule, not a statement about what is in the picture)."""
 
 DIVERSITY_KEYS = ("color_divergence", "top_color_share", "per_prompt", "per_prompt_color", "coverage",
-                  "coverage_ratio", "object_size", "object_size_ratio", "objects_per_image", "objects_ratio")
+                  "coverage_ratio", "object_size", "object_size_ratio", "objects_per_image", "objects_ratio",
+                  "stray_share")
 """Names :meth:`ShapesDiversityMetric.compute` returns (logged as ``diversity/<name>``)."""
 
 
@@ -243,6 +247,7 @@ class ShapesDiversityMetric(Metric):
             ("per_prompt_color_sum", torch.zeros((), dtype=torch.float64)),
             ("num_prompts", torch.zeros((), dtype=torch.float64)),
             ("coverage_sum", torch.zeros((), dtype=torch.float64)),
+            ("painted_sum", torch.zeros((), dtype=torch.float64)),
             ("side_sum", torch.zeros((), dtype=torch.float64)),
             ("num_objects", torch.zeros((), dtype=torch.float64)),
             ("num_images", torch.zeros((), dtype=torch.float64)),
@@ -271,6 +276,7 @@ class ShapesDiversityMetric(Metric):
             for s in stats:
                 self.color_counts += torch.from_numpy(s.color_counts)
                 self.coverage_sum += s.coverage
+                self.painted_sum += float((s.cells != 0).mean())
                 self.side_sum += float(sum(s.object_sides))
                 self.num_objects += len(s.object_sides)
                 self.num_images += 1
@@ -304,6 +310,9 @@ class ShapesDiversityMetric(Metric):
             "object_size_ratio": side / ratio(self.oracle_side_sum, self.oracle_num_objects)
             if float(self.oracle_side_sum) > 0 else math.nan,
             "objects_per_image": ratio(self.num_objects, self.num_images),
+            # painted cells outside every kept object's mask / painted cells (masks are painted cells, so >= 0)
+            "stray_share": max(0.0, 1.0 - ratio(self.coverage_sum, self.painted_sum))
+            if float(self.painted_sum) > 0 else math.nan,
             "objects_ratio": ratio(self.num_objects, self.num_images) / ratio(self.oracle_num_objects, self.oracle_num_images)
             if float(self.oracle_num_objects) > 0 else math.nan,
         }
