@@ -28,6 +28,14 @@ def test_color_histogram_hand_computed():
     assert torch.equal(color_histogram(img, levels=1), torch.ones(1, 1))
 
 
+def test_top_color_pixel_share_skips_the_background():
+    from htgrpo.algorithms.diversity_bonus import top_color_pixel_share
+
+    # two images: 60% / 80% background (cell 0), 40% / 10% brown (cell 1), 0% / 10% green (cell 2)
+    h = torch.tensor([[0.6, 0.4, 0.0], [0.8, 0.1, 0.1]])
+    assert top_color_pixel_share(h) == pytest.approx(0.25)
+
+
 def test_group_bonus_hand_computed():
     # group 1 (G = 3): two identical images and one unlike them -> distances d12 = 0, d13 = d23 = 1
     # bonus = mean distance to the 2 siblings: [0.5, 0.5, 1.0]; group 2: three identical -> 0
@@ -91,4 +99,6 @@ def test_colour_spread_is_logged_every_step_with_the_bonus_off(tmp_path):
     log = module.reward_step_log(module.last_scored.rollout.prompts, module.last_scored.rewards,
                                  module.last_scored.advantages, entropy=0.0)
     assert log["train/diversity/group_color_distance"] == spread.within_group
+    # second most common cell over the batch's pixels (the first is the tiny policy's commonest colour)
+    assert spread.top_color_pixel_share == pytest.approx(float(feats.double().mean(0).sort(descending=True).values[1]))
     assert "diversity_bonus" not in module.last_reward_output.components  # off: the reward is left alone
