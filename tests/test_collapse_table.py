@@ -99,3 +99,33 @@ def test_runs_of_one_setting_must_differ_only_in_seed(tmp_path):
             _fake_run(tmp_path, "b", 1, 0.3, False, True, (0.02, 0.02), (0.8, 0.8), lr=3e-4)]
     with pytest.raises(SystemExit, match="algorithm.lr"):
         collapse.table(_rows(tmp_path, runs), resamples=10)
+
+
+def test_collapse_curves_read_tensorboard_and_average_seeds(tmp_path):
+    """Two fake runs' TensorBoard events (logged per optimiser step, with train/rollout_step beside them): the
+    curves are read by rollout step, averaged over the runs, and tabulated at the asked steps."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    import collapse_curves
+
+    runs = []
+    for k, offset in enumerate((0.0, 0.2)):
+        run = tmp_path / f"run{k}"
+        writer = SummaryWriter(str(run / "tensorboard"))
+        for t in range(4):  # rollout step t logged at optimiser step 6t (K = 6 updates per rollout batch)
+            writer.add_scalar("train/rollout_step", float(t), 6 * t)
+            writer.add_scalar("train/diversity/group_color_distance", 0.1 * t + offset, 6 * t)
+            writer.add_scalar("train/diversity/batch_color_distance", 0.5 + offset, 6 * t)
+            if k == 0:
+                writer.add_scalar("train/diversity/top_color_pixel_share", 0.05 * t, 6 * t)
+        writer.close()
+        runs.append(collapse_curves.read_curves(run))
+    assert runs[0]["train/diversity/group_color_distance"].tolist() == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    mean = collapse_curves.mean_curves(runs)
+    assert mean["train/diversity/group_color_distance"].tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert collapse_curves.TOP_SHARE not in mean  # only one of the two runs logged it
+    text = collapse_curves.table({"X": mean}, {"X": 2}, [0, 3, 9])
+    assert "| X | 2 | within prompt | 0.100 | 0.400 | – |" in text
+    assert "| X | 2 | across batch | 0.600 | 0.600 | – |" in text
+    with pytest.raises(SystemExit, match="no TensorBoard events"):
+        collapse_curves.read_curves(tmp_path / "empty")
