@@ -28,6 +28,19 @@ def test_color_histogram_hand_computed():
     assert torch.equal(color_histogram(img, levels=1), torch.ones(1, 1))
 
 
+def test_batch_scope_compares_with_every_other_image():
+    from htgrpo.algorithms.diversity_bonus import batch_diversity_bonus
+
+    # rows a, a, b with d(a, b) = 1: bonus = [1/2, 1/2, 1] (one group of 3: the group bonus too); a
+    # batch of two groups [a, a | b, b]: group bonus 0 everywhere, batch bonus 2/3 everywhere
+    f = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert batch_diversity_bonus(f).tolist() == [0.5, 0.5, 1.0]
+    two = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert group_diversity_bonus(two, 2).tolist() == [0.0] * 4
+    assert batch_diversity_bonus(two).tolist() == pytest.approx([2 / 3] * 4)
+    assert DiversityBonus(1.0, scope="batch").bonus_of(two, 2).tolist() == pytest.approx([2 / 3] * 4)
+
+
 def test_top_color_pixel_share_skips_the_background():
     from htgrpo.algorithms.diversity_bonus import top_color_pixel_share
 
@@ -52,7 +65,7 @@ def test_group_bonus_hand_computed():
     ({"weight": -0.1}, "diversity_bonus.weight"), ({"weight": "lots"}, "diversity_bonus.weight"),
     ({"weight": math.inf}, "diversity_bonus.weight"), ({"feature": "clip"}, "diversity_bonus.feature"),
     ({"levels": 0}, "diversity_bonus.levels"), ({"levels": 2.5}, "diversity_bonus.levels"),
-    ({"wieght": 1.0}, "diversity_bonus")])
+    ({"scope": "prompt"}, "diversity_bonus.scope"), ({"wieght": 1.0}, "diversity_bonus")])
 def test_bad_values_name_the_key(node, key):
     with pytest.raises(ConfigError, match=key):
         DiversityBonus.from_config(node)

@@ -13,10 +13,13 @@ Rule, per image ``i`` of group ``g`` (G images of one prompt, laid out group-con
 
     h_i      = colour histogram of image i: share of its pixels in each of levels^3 RGB cells (sums to 1)
     d(i, j)  = ½ · Σ_c |h_i[c] − h_j[c]|                   (total-variation distance, in [0, 1])
-    bonus_i  = 1/(G − 1) · Σ_{j ∈ g, j ≠ i} d(i, j)         (mean distance to its siblings, in [0, 1])
+    bonus_i  = 1/(G − 1) · Σ_{j ∈ g, j ≠ i} d(i, j)         (scope=group: mean distance to its siblings, in [0, 1])
+    bonus_i  = 1/(N − 1) · Σ_{j ≠ i} d(i, j)                (scope=batch: to every other image of the N = B·G)
     shaped_i = reward_i + weight · bonus_i                  (NaN stays NaN: a failed score is not rescued)
 
-The shaped reward feeds the advantages; the unshaped reward is what ``val/*`` and the benchmarks measure.
+``scope=group`` pays for spread among a prompt's images (per-prompt diversity); ``scope=batch`` pays an image for
+colours that are rare in the whole rollout batch, which also flattens the colour distribution across prompts (the
+colour divergence). The shaped reward feeds the advantages; the unshaped reward is what ``val/*`` and the benchmarks measure.
 The histogram works on any RGB image (no model, no download); with ``levels = 4`` the 11 ShapesWorld palette
 colours fall in 11 different cells.
 """
@@ -33,6 +36,8 @@ from htgrpo.config import ConfigError, require
 
 #: Image features the bonus can compare (``diversity_bonus.feature``).
 FEATURES: tuple[str, ...] = ("color_histogram",)
+#: Which images an image is compared with (``diversity_bonus.scope``).
+SCOPES: tuple[str, ...] = ("group", "batch")
 
 
 def color_histogram(images: Tensor, levels: int = 4) -> Tensor:
@@ -74,6 +79,15 @@ def group_diversity_bonus(features: Tensor, num_generations: int) -> Tensor:
     f = features.to(torch.float32).reshape(-1, G, features.shape[1])       # (B, G, D)
     dist = 0.5 * torch.cdist(f, f, p=1)                                     # (B, G, G), zero diagonal
     return (dist.sum(-1) / (G - 1)).reshape(-1)
+
+
+def batch_diversity_bonus(features: Tensor) -> Tensor:
+    """``bonus_i = 1/(N−1) · Σ_{j≠i} ½·‖f_i − f_j‖₁`` over all ``N`` rows (scope ``batch``; 0 for a single row)."""
+    n = features.shape[0]
+    if n < 2:
+        return torch.zeros(n)
+    f = features.to(torch.float32)
+    return 0.5 * torch.cdist(f[None], f[None], p=1)[0].sum(-1) / (n - 1)
 
 
 def mean_pairwise_distance(features: Tensor) -> float:
@@ -121,18 +135,20 @@ def top_color_pixel_share(histograms: Tensor) -> float:
 @dataclass(frozen=True)
 class DiversityBonus:
     """``algorithm.diversity_bonus``: ``weight`` (λ ≥ 0; 0 = off, the default), ``feature`` (one of
-    :data:`FEATURES`), ``levels`` (histogram steps per channel)."""
+    :data:`FEATURES`), ``levels`` (histogram steps per channel), ``scope`` (one of :data:`SCOPES`)."""
 
     weight: float = 0.0
     feature: str = "color_histogram"
     levels: int = 4
+    scope: str = "group"
 
     @staticmethod
     def from_config(node: Mapping[str, Any] | None) -> "DiversityBonus":
         """Validated settings; a bad value raises :class:`~htgrpo.config.ConfigError` naming its key."""
         node = dict(node or {})
-        unknown = set(node) - {"weight", "feature", "levels"}
-        require(not unknown, "diversity_bonus", f"unknown keys {sorted(unknown)}; expected weight, feature, levels")
+        unknown = set(node) - {"weight", "feature", "levels", "scope"}
+        require(not unknown, "diversity_bonus",
+                f"unknown keys {sorted(unknown)}; expected weight, feature, levels, scope")
         try:
             weight = float(node.get("weight", 0.0))
         except (TypeError, ValueError):
@@ -144,7 +160,9 @@ class DiversityBonus:
         levels = node.get("levels", 4)
         require(isinstance(levels, int) and not isinstance(levels, bool) and 1 <= levels <= 16,
                 "diversity_bonus.levels", f"must be an integer in [1, 16], got {levels!r}")
-        return DiversityBonus(weight, feature, int(levels))
+        scope = str(node.get("scope", "group"))
+        require(scope in SCOPES, "diversity_bonus.scope", f"must be one of {SCOPES}, got {scope!r}")
+        return DiversityBonus(weight, feature, int(levels), scope)
 
     @property
     def enabled(self) -> bool:
@@ -154,6 +172,12 @@ class DiversityBonus:
         """``(B·G, D)`` features of a rollout's uint8 images."""
         return color_histogram(images, self.levels)
 
+    def bonus_of(self, features: Tensor, num_generations: int) -> Tensor:
+        """``(B·G,)`` bonus from a rollout's features (before the weight), by ``scope``."""
+        if self.scope == "batch":
+            return batch_diversity_bonus(features)
+        return group_diversity_bonus(features, num_generations)
+
     def bonus(self, images: Tensor, num_generations: int) -> Tensor:
         """``(B·G,)`` bonus of a rollout's uint8 images (before the weight)."""
-        return group_diversity_bonus(self.features(images), num_generations)
+        return self.bonus_of(self.features(images), num_generations)

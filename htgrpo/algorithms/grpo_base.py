@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from htgrpo.algorithms.base import PolicyModule
-from htgrpo.algorithms.diversity_bonus import DiversityBonus, RolloutColorSpread, group_diversity_bonus
+from htgrpo.algorithms.diversity_bonus import DiversityBonus, RolloutColorSpread
 from htgrpo.algorithms.lr_schedule import lr_decay_factor, validate_lr_schedule, warmup_factor
 from htgrpo.algorithms.grpo_math import LOSS_TYPES, SCALE_REWARDS, GroupAdvantages, group_advantages
 from htgrpo.config import ConfigError, require, require_choice, require_range
@@ -270,7 +270,7 @@ class GRPOModule(PolicyModule):
         """``reward + weight · bonus`` (:mod:`htgrpo.algorithms.diversity_bonus`) from the rollout's colour
         features; the unshaped reward and the bonus are kept as components ``task`` and ``diversity_bonus`` (logged
         as ``train/reward/<name>``)."""
-        bonus = group_diversity_bonus(features, self.num_generations)
+        bonus = self.diversity_bonus.bonus_of(features, self.num_generations)
         components = dict(output.components)
         components["task"] = output.scores
         components["diversity_bonus"] = bonus
