@@ -71,7 +71,7 @@ def test_table_gain_interval_ratios_and_verdicts(tmp_path):
     assert "+1.000 [+1.000, +1.000]" in beta3
     assert "+0.000 [+0.000, +0.000] (seeds 0, 1)" in beta3  # gain minus the default's, paired by seed
     assert "0.0200 → 0.0210 (1.05;" in beta3 and "0.8000 → 0.7600 (0.95;" in beta3
-    assert beta3.endswith("| yes (2 seeds) |")
+    assert beta3.endswith("| – | – | yes (2 seeds) |")  # the fake runs log neither colors nor stray_share
     assert "| +1.000 [+1.000, +1.000] | – |" in default and "(10.00;" in default and "(0.75;" in default
     assert default.endswith("| no (2 seeds) |")
     assert "| beta0.3 (0.3) | 1 | 0.000 → 1.000 (+1.000) |" in text
@@ -87,11 +87,14 @@ def test_reference_is_named_not_guessed_from_beta(tmp_path):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(collapse.collect_run(run, name)))
         rows.append(collapse.load_row(path))
+    rows[0].val_end["geneval/colors"] = 0.5  # one of the two settings logged colors and stray_share
+    rows[0].val_end["diversity/stray_share"] = 0.125
     text = collapse.table(rows, resamples=50, reference="HT-GRPO", title="by method")
     lines = text.splitlines()
     assert lines[0].startswith("by method;") and "gain − HT-GRPO's" in lines[2]
     assert lines[4].startswith("| HT-GRPO (0.01, reference) | 0 | +0.000") and "| – |" in lines[4]
     assert lines[5].startswith("| MaskGRPO (0.01) | 0 | +1.000") and "+1.000 [+1.000, +1.000] (seeds 0)" in lines[5]
+    assert lines[5].endswith("| 0.500 | 0.125 | no (1 seed) |") and lines[4].endswith("| – | – | no (1 seed) |")
 
 
 def test_runs_of_one_setting_must_differ_only_in_seed(tmp_path):

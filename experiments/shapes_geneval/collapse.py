@@ -42,6 +42,8 @@ GAIN_TARGET = 0.10  # issue 19: GenEval gain of at least +0.10 ...
 DIVERSITY_BAND = 0.10  # ... with color_divergence and per_prompt within 10% of the warm start's
 COLOR_DIVERGENCE = "diversity/color_divergence"
 PER_PROMPT = "diversity/per_prompt"
+COLORS = "geneval/colors"  # fidelity beside the target: does the policy still paint the colour it is asked for?
+STRAY = "diversity/stray_share"  # ... and clean objects (painted cells outside every detected object)
 IGNORED_CONFIG_KEYS = {"seed"}  # the only key the runs of one setting may differ in
 
 
@@ -158,8 +160,9 @@ def table(rows: list[RunRow], resamples: int, reference: str = f"beta{DEFAULT_BE
 
     lines = [
         f"| setting (β) | seeds | GenEval gain, mean [95% CI] | gain − {reference}'s [95% CI] | color_divergence start → end "
-        "(ratio; per seed end) | per_prompt start → end (ratio; per seed end) | target met |",
-        "|---|---|---|---|---|---|---|",
+        "(ratio; per seed end) | per_prompt start → end (ratio; per seed end) | colors end | stray_share end | "
+        "target met |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     per_seed = ["| setting (β) | seed | GenEval start → end (gain) | color_divergence start → end | "
                 "per_prompt start → end |", "|---|---|---|---|---|"]
@@ -186,12 +189,17 @@ def table(rows: list[RunRow], resamples: int, reference: str = f"beta{DEFAULT_BE
             digits = 4 if key == COLOR_DIVERGENCE else 3  # divergences near the warm start's are ~0.02
             each = " / ".join(f"{r.val_end.get(key, math.nan):.{digits}f}" for r in runs)
             cells.append(f"{before:.4f} → {after:.4f} ({ratios[-1]:.2f}; {each})")
+        fidelity = []
+        for key in (COLORS, STRAY):  # stray_share: only runs made after it was added have it
+            values = [r.val_end[key] for r in runs if key in r.val_end]
+            partial = "" if len(values) == len(runs) else f" ({len(values)} of {len(runs)})"
+            fidelity.append(f"{_mean(values):.3f}{partial}" if values else "–")
         met = meets_target(point, lo, ratios[0], ratios[1])
         verdict = ("yes" if met else "no") + ("" if len(runs) >= 3 else f" ({len(runs)} seed{'s' * (len(runs) > 1)})")
         beta = runs[0].beta
         name = f"{setting} ({beta:g}{', reference' if setting == default else ''})"
         lines.append(f"| {name} | {', '.join(str(r.seed) for r in runs)} | {point:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
-                     f"{versus} | {cells[0]} | {cells[1]} | {verdict} |")
+                     f"{versus} | {cells[0]} | {cells[1]} | {fidelity[0]} | {fidelity[1]} | {verdict} |")
         for r in runs:
             s, e = overall(r.start_shares, ones), overall(r.end_shares, ones)
             per_seed.append(f"| {name} | {r.seed} | {s:.3f} → {e:.3f} ({e - s:+.3f}) | "
