@@ -94,7 +94,7 @@ def test_reference_is_named_not_guessed_from_beta(tmp_path):
     assert lines[0].startswith("by method;") and "gain − HT-GRPO's" in lines[2]
     assert lines[4].startswith("| HT-GRPO (0.01, reference) | 0 | +0.000") and "| – |" in lines[4]
     assert lines[5].startswith("| MaskGRPO (0.01) | 0 | +1.000") and "+1.000 [+1.000, +1.000] (seeds 0)" in lines[5]
-    assert lines[5].endswith("| 0.500 | 0.125 | no (1 seed) |") and lines[4].endswith("| – | – | no (1 seed) |")
+    assert lines[5].endswith("| 0.500 | 0.125 | yes (1 seed) |") and lines[4].endswith("| – | – | no (1 seed) |")
 
 
 def test_runs_of_one_setting_must_differ_only_in_seed(tmp_path):
