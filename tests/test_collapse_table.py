@@ -67,7 +67,7 @@ def test_table_gain_interval_ratios_and_verdicts(tmp_path):
     ]
     text = collapse.table(_rows(tmp_path, runs), resamples=200)
     beta3 = next(line for line in text.splitlines() if line.startswith("| beta0.3 (0.3) | 0, 1 |"))
-    default = next(line for line in text.splitlines() if line.startswith("| beta0.01 (0.01, reference) | 0, 1 |"))
+    default = next(line for line in text.splitlines() if line.startswith("| plain (0.01, reference) | 0, 1 |"))
     assert "+1.000 [+1.000, +1.000]" in beta3
     assert "+0.000 [+0.000, +0.000] (seeds 0, 1)" in beta3  # gain minus the default's, paired by seed
     assert "0.0200 → 0.0210 (1.05;" in beta3 and "0.8000 → 0.7600 (0.95;" in beta3
@@ -75,7 +75,18 @@ def test_table_gain_interval_ratios_and_verdicts(tmp_path):
     assert "| +1.000 [+1.000, +1.000] | – |" in default and "(10.00;" in default and "(0.75;" in default
     assert default.endswith("| no (2 seeds) |")
     assert "| beta0.3 (0.3) | 1 | 0.000 → 1.000 (+1.000) |" in text
-    assert text.splitlines()[2].startswith("| setting (β) |") and text.splitlines()[4].startswith("| beta0.01 (")
+    assert text.splitlines()[2].startswith("| setting (β) |") and text.splitlines()[4].startswith("| plain (")
+
+
+def test_setting_names_from_the_config():
+    name = collapse.setting_name
+    assert name({"algorithm": {"beta": 0.01}}) == "plain"  # a run made before the bonus and schedule keys existed
+    assert name({"algorithm": {"beta": 0.3, "lr_schedule": "constant"}}) == "beta0.3"
+    main = {"beta": 0.01, "lr_schedule": "cosine", "diversity_bonus": {"weight": 1.0, "scope": "group"}}
+    assert name({"algorithm": main}) == "bonus1+cosine"  # the main command
+    both = {"beta": 0.1, "diversity_bonus": {"weight": 0.5, "scope": "batch"}, "lr_schedule": "linear"}
+    assert name({"algorithm": both}) == "beta0.1_bonus0.5_batch+linear"
+    assert name({"algorithm": {"beta": 0.01, "diversity_bonus": {"weight": 0.0}}}) == "plain"
 
 
 def test_reference_is_named_not_guessed_from_beta(tmp_path):

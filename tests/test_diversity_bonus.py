@@ -78,11 +78,19 @@ def test_bad_weight_in_the_config_fails_at_start_up(compose):
         instantiate_node(cfg, "algorithm", policy=policy, benchmark=None, sampler=SamplerSettings())
 
 
-def test_default_is_off_and_leaves_the_reward_alone(compose):
+def test_off_by_default_on_in_the_main_command(compose):
+    from omegaconf import OmegaConf
+
+    from htgrpo._hydra import config_dir
+
+    for group in ("ht_grpo", "mar_grpo"):  # the algorithms' own default: the plain reward
+        node = OmegaConf.load(f"{config_dir()}/algorithm/{group}.yaml").diversity_bonus
+        assert DiversityBonus.from_config(dict(node)) == DiversityBonus()
     cfg = compose("fit", ["experiment=shapes_ht", *TINY_POLICY])
     module = instantiate_node(cfg, "algorithm", policy=instantiate_node(cfg, "policy"), benchmark=None,
                               sampler=SamplerSettings())
-    assert module.diversity_bonus == DiversityBonus() and not module.diversity_bonus.enabled
+    assert module.diversity_bonus == DiversityBonus(weight=1.0)  # the main command: bonus on (README, issue 19)
+    assert (module.lr_schedule, module.lr_min_ratio) == ("cosine", 0.1)
 
 
 def test_shaped_reward_feeds_the_advantages_in_a_fit(tmp_path):

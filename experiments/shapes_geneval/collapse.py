@@ -7,10 +7,12 @@ Two steps, both without training or sampling:
    small JSON row per run to ``--rows`` (default ``experiments/shapes_geneval/collapse/runs/<setting>_s<seed>.json``):
    the run's summary, its seed, its KL weight β (``algorithm.beta``), its config (to check that the runs of one
    setting differ only in the seed) and the per-prompt shares of correct validation images before and after (what
-   the bootstrap of ``gain.py`` resamples). The setting is named ``beta<β>`` unless ``--name`` says otherwise.
+   the bootstrap of ``gain.py`` resamples). The setting is named from its config (:func:`setting_name`: ``plain``
+   for the GenEval reward at β 0.01 and a constant rate, else e.g. ``beta0.3``, ``bonus1+cosine``) unless
+   ``--name`` says otherwise.
 2. The table (always): per setting, the mean GenEval gain over seeds with ``gain.py``'s 95% paired bootstrap
-   interval (seeds and, within each task, validation prompts resampled), the gain against the default β's with
-   ``gain.py``'s paired difference (same seeds), and ``diversity/color_divergence`` (lower is better) and
+   interval (seeds and, within each task, validation prompts resampled), the gain against the reference setting's
+   (``--reference``, default ``plain``) with ``gain.py``'s paired difference (same seeds), and ``diversity/color_divergence`` (lower is better) and
    ``diversity/per_prompt`` (higher is better) at the warm start (``val_start``) and after (``val_end``): mean over
    seeds, ratio of the means, and each seed's value. It prints the table and writes it to ``--out``.
 
@@ -37,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from gain import bootstrap_gain, load_run, overall, paired_difference  # noqa: E402
 
-DEFAULT_BETA = 0.01  # conf/algorithm/ht_grpo.yaml's `beta`: the main command's setting, the reference row
+DEFAULT_BETA = 0.01  # conf/experiment/shapes_ht.yaml's `beta` (unchanged by the bonus)
 GAIN_TARGET = 0.10  # issue 19: GenEval gain of at least +0.10 ...
 DIVERSITY_BAND = 0.10  # ... with color_divergence and per_prompt within 10% of the warm start's
 COLOR_DIVERGENCE = "diversity/color_divergence"
@@ -74,6 +76,23 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def setting_name(config: dict) -> str:
+    """A run's setting from its config: ``beta<β>`` when β is not 0.01, ``bonus<λ>`` when the diversity bonus is on
+    (``_batch`` for its batch scope), ``+<schedule>`` when the rate decays; ``plain`` when none of these (the
+    GenEval reward at the old main command's settings). Keys a run predates count as their defaults."""
+    algo = config.get("algorithm", {})
+    parts = []
+    beta = float(algo.get("beta", DEFAULT_BETA))
+    if beta != DEFAULT_BETA:
+        parts.append(f"beta{beta:g}")
+    bonus = algo.get("diversity_bonus") or {}
+    if float(bonus.get("weight", 0.0)) > 0:
+        parts.append(f"bonus{float(bonus['weight']):g}" + ("_batch" if bonus.get("scope", "group") == "batch" else ""))
+    name = "_".join(parts) or "plain"
+    schedule = algo.get("lr_schedule", "constant")
+    return name + ("" if schedule == "constant" else f"+{schedule}")
+
+
 def collect_run(run_dir: Path, setting: str | None) -> dict:
     """The JSON row of one fit run folder (see the module docstring)."""
     import yaml
@@ -85,7 +104,7 @@ def collect_run(run_dir: Path, setting: str | None) -> dict:
     beta = float(config["algorithm"]["beta"])
     start, end, keys_by_task = load_run(run_dir)
     return {
-        "setting": setting or f"beta{beta:g}",
+        "setting": setting or setting_name(config),
         "seed": int(config["seed"]),
         "beta": beta,
         "run_dir": str(run_dir),
@@ -141,7 +160,7 @@ def _mean(values: list[float]) -> float:
 DEFAULT_TITLE = "HT-GRPO main command (`experiment=shapes_ht`, 40 rollout steps) by setting"
 
 
-def table(rows: list[RunRow], resamples: int, reference: str = f"beta{DEFAULT_BETA:g}",
+def table(rows: list[RunRow], resamples: int, reference: str = "plain",
           title: str = DEFAULT_TITLE) -> str:
     """The markdown table (see the module docstring); ``reference`` names the setting every other one is compared
     with (paired, same seeds)."""
@@ -222,12 +241,12 @@ def table(rows: list[RunRow], resamples: int, reference: str = f"beta{DEFAULT_BE
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--collect", type=Path, nargs="*", default=[], help="fit run folders to add as rows")
-    parser.add_argument("--name", default=None, help="setting name of the collected runs (default beta<β>)")
+    parser.add_argument("--name", default=None, help="setting name of the collected runs (default: from the config)")
     parser.add_argument("--rows", type=Path, default=HERE / "collapse" / "runs")
     parser.add_argument("--out", type=Path, default=HERE / "collapse" / "collapse.md")
     parser.add_argument("--resamples", type=int, default=10000)
-    parser.add_argument("--reference", default=f"beta{DEFAULT_BETA:g}",
-                        help="setting the others are compared with (paired, same seeds); default the main command's")
+    parser.add_argument("--reference", default="plain",
+                        help="setting the others are compared with (paired, same seeds); default the plain reward")
     parser.add_argument("--title", default=DEFAULT_TITLE, help="first words of the table's caption")
     args = parser.parse_args()
 

@@ -360,14 +360,17 @@ class GRPOModule(PolicyModule):
         """``decay(t)`` of the current rollout batch ``t`` (1.0 for ``constant``)."""
         if self.lr_schedule == "constant":
             return 1.0
-        # batch 0 has progress 0 whatever T is; LambdaLR evaluates it in configure_optimizers, before the trainer
-        # knows the number of batches (on_train_start checks T)
-        total = self.lr_decay_total_batches() if self.rollout_step > 0 else 1
-        return lr_decay_factor(self.rollout_step, total, self.lr_schedule, self.lr_min_ratio)
+        # LambdaLR evaluates the schedule in configure_optimizers, before the trainer knows the number of batches
+        # (on a resumed run the rollout counter is already > 0 then): a provisional 1.0 until on_train_start has
+        # checked T; on_train_batch_start sets every batch's rate from the schedule, so no update uses it.
+        if self.rollout_step == 0 or not getattr(self, "_lr_total_known", False):
+            return 1.0
+        return lr_decay_factor(self.rollout_step, self.lr_decay_total_batches(), self.lr_schedule, self.lr_min_ratio)
 
     def on_train_start(self) -> None:
         if self.lr_schedule != "constant":
             self.lr_decay_total_batches()  # fails here, before the first rollout, when the run's length is unknown
+            self._lr_total_known = True
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # The scheduler steps after each update, while the rollout counter moves at the end of a batch: set the rate
