@@ -143,3 +143,9 @@ def test_collapse_curves_read_tensorboard_and_average_seeds(tmp_path):
     assert "| X | 2 | across batch | 0.600 | 0.600 | – |" in text
     with pytest.raises(SystemExit, match="no TensorBoard events"):
         collapse_curves.read_curves(tmp_path / "empty")
+
+
+def test_seed_interval_is_a_t_interval():
+    # values 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.3027 -> half-width 4.3027 / sqrt(3) = 2.4841
+    assert collapse.seed_interval([1.0, 2.0, 3.0], 3) == "2.000 [-0.484, 4.484]"
+    assert collapse.seed_interval([0.5], 2) == "0.50" and collapse.seed_interval([], 2) == "–"
