@@ -123,3 +123,20 @@ def test_colour_spread_is_logged_every_step_with_the_bonus_off(tmp_path):
     # second most common cell over the batch's pixels (the first is the tiny policy's commonest colour)
     assert spread.top_color_pixel_share == pytest.approx(float(feats.double().mean(0).sort(descending=True).values[1]))
     assert "diversity_bonus" not in module.last_reward_output.components  # off: the reward is left alone
+
+
+@pytest.mark.parametrize("value", [-0.1, math.nan, "much"])
+def test_bad_entropy_coef_names_the_key(value):
+    with pytest.raises(ConfigError, match="entropy_coef"):
+        make_module(entropy_coef=value)
+
+
+def test_entropy_term_lowers_the_first_update_loss_by_c_times_the_entropy(tmp_path):
+    """Same seed, same first update inputs: loss(c) = loss(0) − c · mean entropy of the scored tokens (token_mean)."""
+    plain = make_module(seed=3)
+    fit_steps(plain, 1, tmp_path / "plain")
+    with_term = make_module(seed=3, entropy_coef=0.5)
+    fit_steps(with_term, 1, tmp_path / "entropy")
+    first_plain, first = plain.last_update_stats[0], with_term.last_update_stats[0]
+    assert math.isnan(first_plain.entropy) and 0 < first.entropy <= math.log(with_term.policy.codebook_size) + 1e-4
+    assert first.loss == pytest.approx(first_plain.loss - 0.5 * first.entropy, abs=1e-5)

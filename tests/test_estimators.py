@@ -318,6 +318,28 @@ def test_token_log_probs_match_hand_computed_gather(policy, prompt, rollout, nam
     assert torch.allclose(full.logp, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["prompt_conditioned", "coupled", "trace"])
+def test_token_entropy_matches_hand_computed_and_leaves_log_probs_alone(policy, prompt, rollout, name):
+    """``with_entropy``: H = −Σ_c p log p over the image codes of each pass's own logits at its scored tokens (0
+    elsewhere), from both head paths; the log-probs are bitwise those of the call without it."""
+    est = build_estimator(name)
+    plan = est.plan(rollout, random_candidates(5, 0.5, shape=(3, policy.num_image_tokens)), 1, 4, gen(3),
+                    prompt=prompt)
+    want = torch.zeros(rollout.codes.shape)
+    with torch.no_grad():
+        for p in plan.passes:
+            logp_all = torch.log_softmax(policy.image_logits(p.canvas, prompt), -1)
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+            want[p.scored] = ent[p.scored]
+        plain = token_log_probs(policy, prompt, rollout.codes, plan)
+        got = token_log_probs(policy, prompt, rollout.codes, plan, with_entropy=True)
+        full = token_log_probs(policy, prompt, rollout.codes, plan, gather_positions=False, with_entropy=True)
+    assert plain.entropy is None and torch.equal(got.logp, plain.logp)
+    assert torch.allclose(got.entropy, want, atol=1e-5) and torch.allclose(full.entropy, want, atol=1e-5)
+    assert (got.entropy[~plan.scored] == 0).all()
+    assert bool((got.entropy[plan.scored] > 0).all()) and bool((got.entropy <= math.log(policy.codebook_size) + 1e-4).all())
+
+
 def test_d1_prompt_masking_changes_log_probs(policy, prompt, rollout):
     cand = torch.ones(3, policy.num_image_tokens, dtype=torch.bool)
     plain = build_estimator("d1", p_mask_prompt=0.0).plan(rollout, cand, 0, 1, gen(0), prompt=prompt)

@@ -466,6 +466,9 @@ class TokenLogProbs:
     """(B, N) float32 log π(x_i | pass state) at scored positions, 0 elsewhere."""
     scored: torch.Tensor
     """(B, N) bool."""
+    entropy: torch.Tensor | None = None
+    """(B, N) float32 entropy ``−Σ_c π(c | pass state) log π(c | pass state)`` over the image codes at scored
+    positions, 0 elsewhere; only when asked for (``token_log_probs(..., with_entropy=True)``)."""
 
     @property
     def num_scored(self) -> int:
@@ -483,8 +486,10 @@ def mask_prompt_words(prompt: PromptTokens, prompt_mask: torch.Tensor | None, ma
 
 
 def _pass_log_probs(policy: Any, prompt: PromptTokens, codes: torch.Tensor, p: ScoringPass,
-                    gather_positions: bool) -> torch.Tensor:
-    """(B, N) log-probs of the rollout codes from one pass, 0 where the pass scores nothing."""
+                    gather_positions: bool, with_entropy: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, N) log-probs of the rollout codes from one pass, 0 where the pass scores nothing; with ``with_entropy``
+    also the (B, N) entropy of the pass's distribution over image codes there (else None)."""
     B, N = codes.shape
     counts = p.scored.sum(1)
     K = int(counts.max())
@@ -492,12 +497,20 @@ def _pass_log_probs(policy: Any, prompt: PromptTokens, codes: torch.Tensor, p: S
         # Only the scored rows of the LM head: per sample the scored positions first (stable), padded with others.
         order = (~p.scored).long().argsort(dim=1, stable=True)[:, :K]
         logits = policy.image_logits(p.canvas, prompt, positions=order)  # (B, K, C)
-        lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, codes.gather(1, order)[..., None]).squeeze(-1)
-        lp = lp.masked_fill(~p.scored.gather(1, order), 0.0)
-        return torch.zeros((B, N), dtype=lp.dtype, device=lp.device).scatter(1, order, lp)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        scored = p.scored.gather(1, order)
+        lp = log_probs.gather(-1, codes.gather(1, order)[..., None]).squeeze(-1).masked_fill(~scored, 0.0)
+        out = torch.zeros((B, N), dtype=lp.dtype, device=lp.device).scatter(1, order, lp)
+        if not with_entropy:
+            return out, None
+        ent = -(log_probs.exp() * log_probs).sum(-1).masked_fill(~scored, 0.0)
+        return out, torch.zeros((B, N), dtype=ent.dtype, device=ent.device).scatter(1, order, ent)
     logits = policy.image_logits(p.canvas, prompt)  # (B, N, C)
-    lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, codes[..., None]).squeeze(-1)
-    return lp.masked_fill(~p.scored, 0.0)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    lp = log_probs.gather(-1, codes[..., None]).squeeze(-1).masked_fill(~p.scored, 0.0)
+    if not with_entropy:
+        return lp, None
+    return lp, -(log_probs.exp() * log_probs).sum(-1).masked_fill(~p.scored, 0.0)
 
 
 def token_log_probs(
@@ -506,6 +519,7 @@ def token_log_probs(
     codes: torch.Tensor,
     plan: ScoringPlan,
     gather_positions: bool = True,
+    with_entropy: bool = False,
 ) -> TokenLogProbs:
     """Per-token log-probs of the rollout ``codes`` (B, N) under ``policy`` for every pass of ``plan``.
 
@@ -514,7 +528,8 @@ def token_log_probs(
     score disjoint tokens, so the result is their sum. Differentiable w.r.t. the policy's parameters.
 
     ``gather_positions`` computes the LM head only at the scored positions (same values, less memory when few
-    tokens are scored); False reads logits at all N positions.
+    tokens are scored); False reads logits at all N positions. ``with_entropy`` also returns each scored token's
+    entropy over the image codes (``TokenLogProbs.entropy``; same forward, differentiable).
     """
     device = policy.device
     codes = codes.to(device).long()
@@ -523,10 +538,14 @@ def token_log_probs(
     plan.validate(codes=codes)
     mask_id = int(policy.layout.mask)
     logp = torch.zeros(codes.shape, dtype=torch.float32, device=device)
+    entropy = torch.zeros(codes.shape, dtype=torch.float32, device=device) if with_entropy else None
     for p in plan.passes:
         if not bool(p.scored.any()):
             continue
-        logp = logp + _pass_log_probs(policy, mask_prompt_words(prompt, p.prompt_mask, mask_id), codes, p,
-                                      gather_positions)
+        lp, ent = _pass_log_probs(policy, mask_prompt_words(prompt, p.prompt_mask, mask_id), codes, p,
+                                  gather_positions, with_entropy)
+        logp = logp + lp
+        if entropy is not None:
+            entropy = entropy + ent
     scored = plan.scored.to(device) if plan.passes else torch.zeros(codes.shape, dtype=torch.bool, device=device)
-    return TokenLogProbs(logp=logp, scored=scored)
+    return TokenLogProbs(logp=logp, scored=scored, entropy=entropy)

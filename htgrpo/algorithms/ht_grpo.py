@@ -82,6 +82,8 @@ class HTGRPO(GRPOModule):
         credit: ``{kind: binary|soft|uniform, alpha, gamma, normalize}``.
         stages: ``{n_global, n_struct, n_refine, mode: inner|outer, scored_fraction: ρ}``.
         lr, weight_decay, betas, warmup_steps: AdamW and its linear warm-up (in optimiser updates).
+        entropy_coef: c ≥ 0: the loss subtracts c·H(π(·|pass state)) per scored token (entropy over the image codes,
+            from the update's own forward); 0 (default) = off.
         diversity_bonus: group-diversity reward shaping (:mod:`htgrpo.algorithms.diversity_bonus`; weight 0 = off).
         lr_schedule, lr_min_ratio, lr_decay_batches: decay of the rate over rollout batches
             (:mod:`htgrpo.algorithms.lr_schedule`; constant by default).
@@ -129,6 +131,7 @@ class HTGRPO(GRPOModule):
         lr_min_ratio: float = 0.0,
         lr_decay_batches: int | None = None,
         diversity_bonus: Mapping[str, Any] | None = None,
+        entropy_coef: float = 0.0,
     ):
         # Common keys, reference policy, rollout counter (grpo_base.GRPOModule): validated there with their names.
         super().__init__(policy, reward, benchmark, sampler, rollout_sampler, num_generations=num_generations,
@@ -146,6 +149,12 @@ class HTGRPO(GRPOModule):
                 f"must be >= 1 or null, got {rollout_micro_batch_size}")
         self.rollout_micro_batch_size = None if rollout_micro_batch_size is None else int(rollout_micro_batch_size)
         self.overlap_scoring = overlap_setting(overlap_scoring)
+        try:
+            self.entropy_coef = float(entropy_coef)
+        except (TypeError, ValueError):
+            raise ConfigError("entropy_coef", f"must be a number >= 0, got {entropy_coef!r}") from None
+        require(math.isfinite(self.entropy_coef) and self.entropy_coef >= 0, "entropy_coef",
+                f"must be a finite number >= 0, got {entropy_coef}")
         require(self.overlap_scoring != "true" or self.rollout_micro_batch_size is not None, "overlap_scoring",
                 "true needs rollout chunks to overlap: set algorithm.rollout_micro_batch_size (e.g. num_generations)")
         self._overlap_noted = False
@@ -343,7 +352,7 @@ class HTGRPO(GRPOModule):
         codes = rollout.sampled.codes.to(self.policy.device)
         total_tokens = int(scored_mask.sum())
         total_seqs = int(scored_mask.any(1).sum())
-        sums = {"loss": 0.0, "kl": 0.0, "ratio": 0.0, "low": 0.0, "high": 0.0}
+        sums = {"loss": 0.0, "kl": 0.0, "ratio": 0.0, "low": 0.0, "high": 0.0, "entropy": 0.0}
         ratios = []
         # Forward AND backward in the old/reference log-probs' mode: dropout off (r = 1 exactly at the first
         # iteration), and checkpointed blocks recompute in backward with the modules their forward saw.
@@ -353,9 +362,14 @@ class HTGRPO(GRPOModule):
                 if not bool(mask.any()):
                     continue
                 plan = ScoringPlan([_slice_pass(p, sl) for p in it.plan.passes], shape=tuple(mask.shape))
-                logp = token_log_probs(self.policy, rollout.prompt_tokens[sl], codes[sl], plan).logp
+                scored_lp = token_log_probs(self.policy, rollout.prompt_tokens[sl], codes[sl], plan,
+                                            with_entropy=self.entropy_coef > 0)
+                logp = scored_lp.logp
                 terms = clipped_surrogate(logp, it.old_logp[sl], token_adv[sl], self.epsilon, self.epsilon_high)
                 per_token = terms.loss
+                if scored_lp.entropy is not None:  # entropy bonus: keep the per-token distributions from collapsing
+                    per_token = per_token - self.entropy_coef * scored_lp.entropy
+                    sums["entropy"] += float((scored_lp.entropy.detach() * mask.float()).sum())
                 kl = None
                 if self.beta > 0 and it.ref_logp is not None:
                     kl = k3_kl(logp, it.ref_logp[sl])
@@ -380,6 +394,7 @@ class HTGRPO(GRPOModule):
         return UpdateStats(
             stage=it.stage, loss=sums["loss"], kl=sums["kl"] / n, ratio_mean=sums["ratio"] / n,
             clip_low=sums["low"] / n, clip_high=sums["high"] / n, grad_norm=grad_norm, scored_tokens=total_tokens,
+            entropy=sums["entropy"] / n if self.entropy_coef > 0 else math.nan,
             ratios=torch.cat(ratios) if ratios else torch.zeros(0),
             token_advantages=token_adv[scored_mask].detach().cpu(),
             credit=scored.credit.to(scored_mask.device)[scored_mask].detach().cpu(),
@@ -401,6 +416,8 @@ class HTGRPO(GRPOModule):
         log.update(self.update_step_log(updates, tokens))
         if updates:
             log["train/kl"] = token_weighted([u.kl for u in updates], tokens)
+            if self.entropy_coef > 0:
+                log["train/update_entropy"] = token_weighted([u.entropy for u in updates], tokens)
             for stage in Stage:
                 mine = [u for u in updates if u.stage == stage]
                 if mine:

@@ -126,3 +126,5 @@ class UpdateStats:
     token_advantages: torch.Tensor = field(repr=False)
     credit: torch.Tensor = field(repr=False)
     structure_commit_steps: torch.Tensor = field(repr=False)
+    entropy: float = float("nan")
+    """mean entropy over the image codes of the scored tokens (computed only with ``entropy_coef > 0``)"""
