@@ -149,3 +149,13 @@ def test_seed_interval_is_a_t_interval():
     # values 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.3027 -> half-width 4.3027 / sqrt(3) = 2.4841
     assert collapse.seed_interval([1.0, 2.0, 3.0], 3) == "2.000 [-0.484, 4.484]"
     assert collapse.seed_interval([0.5], 2) == "0.50" and collapse.seed_interval([], 2) == "–"
+
+
+def test_keys_without_effect_do_not_split_a_setting():
+    constant = {"algorithm.lr_schedule": "constant", "algorithm.diversity_bonus.weight": 0.0}
+    assert collapse.inert("algorithm.lr_min_ratio", constant)  # no decay: its floor does nothing
+    assert collapse.inert("algorithm.diversity_bonus.scope", constant)  # bonus off: its scope does nothing
+    cosine = {"algorithm.lr_schedule": "cosine", "algorithm.diversity_bonus.weight": 1.0}
+    assert not collapse.inert("algorithm.lr_min_ratio", cosine)
+    assert not collapse.inert("algorithm.diversity_bonus.scope", cosine)
+    assert not collapse.inert("algorithm.lr", constant)

@@ -126,6 +126,16 @@ def load_row(path: Path) -> RunRow:
                   config=row["config"])
 
 
+def inert(key: str, config: dict[str, object]) -> bool:
+    """Whether a (flattened) config key has no effect in this run, so a difference in it does not split a setting:
+    the decay keys under a constant rate, the bonus's details when its weight is 0."""
+    if key in ("algorithm.lr_min_ratio", "algorithm.lr_decay_batches"):
+        return config.get("algorithm.lr_schedule", "constant") == "constant"
+    if key.startswith("algorithm.diversity_bonus.") and key != "algorithm.diversity_bonus.weight":
+        return float(config.get("algorithm.diversity_bonus.weight", 0.0) or 0.0) == 0.0
+    return False
+
+
 def check_same_setting(runs: list[RunRow]) -> None:
     """The runs of one setting must differ only in the seed (keys present in both configs are compared: runs made
     before a new config key existed lack it, and a new key's default keeps the old behaviour)."""
@@ -133,7 +143,7 @@ def check_same_setting(runs: list[RunRow]) -> None:
     for run in runs[1:]:
         other = _flatten(run.config)
         for key in sorted(set(first) & set(other) - IGNORED_CONFIG_KEYS):
-            if first[key] != other[key] and not key.startswith("hydra"):
+            if first[key] != other[key] and not key.startswith("hydra") and not (inert(key, first) and inert(key, other)):
                 raise SystemExit(f"setting {runs[0].setting}: seeds {runs[0].seed} and {run.seed} differ in config key "
                                  f"{key!r} ({first[key]!r} vs {other[key]!r}); collect them under different --name")
         seeds = [r.seed for r in runs]
