@@ -82,6 +82,7 @@ def plot(curves: dict[str, dict[str, np.ndarray]], out: Path) -> None:
 
     tags = [*TAGS, *([TOP_SHARE] if any(TOP_SHARE in c for c in curves.values()) else [])]
     fig, axes = plt.subplots(1, len(tags), figsize=(5.5 * len(tags), 4))
+    colour = {name: f"C{i}" for i, name in enumerate(curves)}  # one colour per setting in every panel
     for ax, tag in zip(axes, tags):
         for name, c in curves.items():
             if tag not in c:
@@ -89,12 +90,12 @@ def plot(curves: dict[str, dict[str, np.ndarray]], out: Path) -> None:
             y = c[tag]
             k = 5  # 5-step running mean: one batch of 6 prompts is noisy
             smooth = np.convolve(y, np.ones(k) / k, mode="valid") if len(y) >= k else y
-            ax.plot(np.arange(len(smooth)) + (len(y) - len(smooth)), smooth, label=name)
+            ax.plot(np.arange(len(smooth)) + (len(y) - len(smooth)), smooth, label=name, color=colour[name])
         ax.set_title(f"rollout: {TAGS_SHORT[tag]}")
         ax.set_xlabel("rollout step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("5-step running mean")
-    axes[-1].legend(fontsize=8)
+    axes[0].legend(fontsize=8)  # the first panel has every setting (the top-colour tag is newer)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
