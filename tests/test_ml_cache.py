@@ -188,3 +188,22 @@ def test_fresh_variant_recomputes_changed_tokens():
     e = SamplerSettings(num_steps=6)
     assert torch.equal(s.sample(policy, prompt, torch.Generator().manual_seed(2)).codes,
                        e.sample(policy, prompt, torch.Generator().manual_seed(2)).codes)
+
+
+def test_rollout_cache_applies_to_rollouts_only(compose):
+    """`algorithm.rollout_cache=ml_cache`: the rollout sampler caches, validation's sampler stays exact; a bad value
+    names the key at start-up."""
+    from htgrpo.config import ConfigError, instantiate_node
+    from htgrpo.policies.generators import SamplerSettings
+    from test_ht_grpo import TINY_POLICY
+
+    cfg = compose("fit", ["experiment=shapes_ht", *TINY_POLICY, "algorithm.rollout_cache=ml_cache"])
+    sampler = instantiate_node(cfg, "sampler")
+    module = instantiate_node(cfg, "algorithm", policy=instantiate_node(cfg, "policy"), benchmark=None,
+                              sampler=sampler)
+    assert module.rollout_sampler.cache == "ml_cache" and module.sampler.cache == "none"
+    assert module.rollout_sampler.num_steps == sampler.num_steps  # everything else is the configured sampler
+    bad = compose("fit", ["experiment=shapes_ht", *TINY_POLICY, "algorithm.rollout_cache=kv"])
+    with pytest.raises(ConfigError, match="rollout_cache"):
+        instantiate_node(bad, "algorithm", policy=instantiate_node(bad, "policy"), benchmark=None,
+                         sampler=SamplerSettings())

@@ -26,6 +26,7 @@ Lightning's ``global_step`` counts optimiser updates (K per rollout batch); ``ro
 from __future__ import annotations
 
 import logging
+import dataclasses
 import math
 import time
 from collections.abc import Mapping
@@ -57,6 +58,7 @@ from htgrpo.config import ConfigError, require, require_choice
 from htgrpo.data.datamodules import PromptBatch
 from htgrpo.evaluation.benchmark import Benchmark
 from htgrpo.policies.generators import SamplerSettings
+from htgrpo.policies.ml_cache import CACHES
 from htgrpo.policies.t2i_layout import MASKED
 
 logger = logging.getLogger("htgrpo.algorithms.ht_grpo")
@@ -82,6 +84,8 @@ class HTGRPO(GRPOModule):
         credit: ``{kind: binary|soft|uniform, alpha, gamma, normalize}``.
         stages: ``{n_global, n_struct, n_refine, mode: inner|outer, scored_fraction: ρ}``.
         lr, weight_decay, betas, warmup_steps: AdamW and its linear warm-up (in optimiser updates).
+        rollout_cache: ``none`` | ``ml_cache`` | ``ml_cache_fresh`` for the rollouts only (None = the rollout
+            sampler's own ``cache``); validation and the benchmarks keep ``sampler.cache``.
         entropy_coef: c ≥ 0: the loss subtracts c·H(π(·|pass state)) per scored token (entropy over the image codes,
             from the update's own forward); 0 (default) = off.
         diversity_bonus: group-diversity reward shaping (:mod:`htgrpo.algorithms.diversity_bonus`; weight 0 = off).
@@ -132,6 +136,7 @@ class HTGRPO(GRPOModule):
         lr_decay_batches: int | None = None,
         diversity_bonus: Mapping[str, Any] | None = None,
         entropy_coef: float = 0.0,
+        rollout_cache: str | None = None,
     ):
         # Common keys, reference policy, rollout counter (grpo_base.GRPOModule): validated there with their names.
         super().__init__(policy, reward, benchmark, sampler, rollout_sampler, num_generations=num_generations,
@@ -149,6 +154,13 @@ class HTGRPO(GRPOModule):
                 f"must be >= 1 or null, got {rollout_micro_batch_size}")
         self.rollout_micro_batch_size = None if rollout_micro_batch_size is None else int(rollout_micro_batch_size)
         self.overlap_scoring = overlap_setting(overlap_scoring)
+        if rollout_cache is not None:  # rollouts only: validation and the benchmarks keep `sampler.cache`
+            require_choice(rollout_cache, CACHES, "rollout_cache")
+            try:
+                self.rollout_sampler = dataclasses.replace(self.rollout_sampler, cache=str(rollout_cache))
+            except TypeError:
+                raise ConfigError("rollout_cache", "needs a masked-diffusion rollout sampler (SamplerSettings), got "
+                                                   f"{type(self.rollout_sampler).__name__}") from None
         try:
             self.entropy_coef = float(entropy_coef)
         except (TypeError, ValueError):
