@@ -98,7 +98,7 @@ def test_shaped_reward_feeds_the_advantages_in_a_fit(tmp_path):
     module = make_module(diversity_bonus={"weight": weight})
     fit_steps(module, 1, tmp_path)
     out = module.last_reward_output
-    task, bonus = out.components["task"], out.components["diversity_bonus"]
+    task, bonus = out.components["unshaped"], out.components["diversity_bonus"]
     images = module.last_scored.rollout.images
     assert torch.allclose(bonus, group_diversity_bonus(color_histogram(images), module.num_generations))
     assert torch.allclose(out.scores, task + weight * bonus)
@@ -140,3 +140,23 @@ def test_entropy_term_lowers_the_first_update_loss_by_c_times_the_entropy(tmp_pa
     first_plain, first = plain.last_update_stats[0], with_term.last_update_stats[0]
     assert math.isnan(first_plain.entropy) and 0 < first.entropy <= math.log(with_term.policy.codebook_size) + 1e-4
     assert first.loss == pytest.approx(first_plain.loss - 0.5 * first.entropy, abs=1e-5)
+
+
+def test_shaping_keeps_the_rewards_own_components(tmp_path):
+    """A reward with a component named like the shaping's ("task", e.g. a mix part) keeps it; the reward curve uses
+    the unshaped total, not that component."""
+    from htgrpo.rewards.base import Reward, RewardOutput
+
+    class TwoPart(Reward):
+        name = "two_part"
+
+        def score(self, images, records):
+            b = images.float().mean(dim=(1, 2, 3)) / 255.0
+            return RewardOutput(2 * b, {"task": b})
+
+    module = make_module(reward=TwoPart(), diversity_bonus={"weight": 0.5})
+    fit_steps(module, 1, tmp_path)
+    out = module.last_reward_output
+    assert torch.allclose(out.components["unshaped"], 2 * out.components["task"])  # "task" is the reward's own part
+    assert torch.allclose(out.scores, out.components["unshaped"] + 0.5 * out.components["diversity_bonus"])
+    assert module.reward_history == [pytest.approx(float(out.components["unshaped"].mean()))]

@@ -45,6 +45,10 @@ from htgrpo.policies.lora import (
 from htgrpo.rewards.base import RewardOutput, reward_log, safe_score
 
 
+#: component name of the reward before ``diversity_bonus`` shaping (``train/reward/unshaped``)
+UNSHAPED = "unshaped"
+
+
 def as_dict(value: Any) -> dict[str, Any]:
     """A config section (``None``, a mapping, or an OmegaConf node) as a plain dict."""
     if value is None:
@@ -191,6 +195,7 @@ class GRPOModule(PolicyModule):
         # A buffer, so the counter travels with the weights (ddp_spawn copies them back to the main process).
         self.register_buffer("rollout_counter", torch.zeros((), dtype=torch.long))
         self.last_reward_output: RewardOutput | None = None
+        self.last_unshaped_rewards: Tensor | None = None  # the last reward before diversity_bonus shaping
         self.last_color_spread: RolloutColorSpread | None = None  # colour spread of the last rollout (logged)
         self.last_timings: dict[str, float] = {}  # seconds of the last step's phases (rollout, reward, update ...)
         self.consecutive_unscored_batches = 0  # rollout batches in a row with no finite reward (skip_unscored_batch)
@@ -247,6 +252,7 @@ class GRPOModule(PolicyModule):
             output = safe_score(self.reward_fn, rollout.images, [p.record for p in rollout.prompts])
         if len(output) != len(rollout):
             raise RuntimeError(f"reward returned {len(output)} values for {len(rollout)} images")
+        self.last_unshaped_rewards = output.scores  # the reward itself, before any shaping (reward curve, logs)
         features = self.rollout_color_features(rollout)
         self.last_color_spread = None if features is None else RolloutColorSpread.of(features, self.num_generations)
         if self.diversity_bonus.enabled:
@@ -268,11 +274,11 @@ class GRPOModule(PolicyModule):
 
     def shape_with_diversity(self, output: RewardOutput, features: Tensor) -> RewardOutput:
         """``reward + weight · bonus`` (:mod:`htgrpo.algorithms.diversity_bonus`) from the rollout's colour
-        features; the unshaped reward and the bonus are kept as components ``task`` and ``diversity_bonus`` (logged
-        as ``train/reward/<name>``)."""
+        features; the unshaped reward and the bonus are kept as components ``unshaped`` and ``diversity_bonus``
+        (logged as ``train/reward/<name>``; the reward's own components keep their names)."""
         bonus = self.diversity_bonus.bonus_of(features, self.num_generations)
         components = dict(output.components)
-        components["task"] = output.scores
+        components[UNSHAPED] = output.scores
         components["diversity_bonus"] = bonus
         return RewardOutput(output.scores + self.diversity_bonus.weight * bonus, components, output.num_failed)
 

@@ -221,7 +221,7 @@ class HTGRPO(GRPOModule):
         timings["reward"] = time.perf_counter() - t0
         if self.skip_unscored_batch(rollout, rewards, timings):     # no finite reward: never train on it
             return
-        task = self.last_reward_output.components.get("task", rewards)  # unshaped when diversity_bonus is on
+        task = self.last_unshaped_rewards  # the reward before diversity_bonus shaping (= rewards when it is off)
         finite = task[torch.isfinite(task)]
         self.reward_history.append(float(finite.mean()) if finite.numel() else math.nan)  # fit's reward-curve summary
 
