@@ -130,6 +130,7 @@ def test_collapse_curves_read_tensorboard_and_average_seeds(tmp_path):
             writer.add_scalar("train/rollout_step", float(t), 6 * t)
             writer.add_scalar("train/diversity/group_color_distance", 0.1 * t + offset, 6 * t)
             writer.add_scalar("train/diversity/batch_color_distance", 0.5 + offset, 6 * t)
+            writer.add_scalar("time/rollout_s", 10.0 + k, 6 * t)
             if k == 0:
                 writer.add_scalar("train/diversity/top_color_pixel_share", 0.05 * t, 6 * t)
         writer.close()
@@ -141,6 +142,7 @@ def test_collapse_curves_read_tensorboard_and_average_seeds(tmp_path):
     text = collapse_curves.table({"X": mean}, {"X": 2}, [0, 3, 9])
     assert "| X | 2 | within prompt | 0.100 | 0.400 | – |" in text
     assert "| X | 2 | across batch | 0.600 | 0.600 | – |" in text
+    assert "| X | 40 / 44 |" in collapse_curves.rollout_seconds({"X": runs})  # 4 steps x 10 s, 4 x 11 s
     with pytest.raises(SystemExit, match="no TensorBoard events"):
         collapse_curves.read_curves(tmp_path / "empty")
 

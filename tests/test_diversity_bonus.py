@@ -38,7 +38,8 @@ def test_batch_scope_compares_with_every_other_image():
     two = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     assert group_diversity_bonus(two, 2).tolist() == [0.0] * 4
     assert batch_diversity_bonus(two).tolist() == pytest.approx([2 / 3] * 4)
-    assert DiversityBonus(1.0, scope="batch").bonus_of(two, 2).tolist() == pytest.approx([2 / 3] * 4)
+    assert DiversityBonus(1.0, scope="batch").bonus_of(two, group_diversity_bonus(two, 2)).tolist() == pytest.approx(
+        [2 / 3] * 4)
 
 
 def test_top_color_pixel_share_skips_the_background():

@@ -67,8 +67,6 @@ def _conf_world() -> ShapesWorldConfig:
 WORLD = _conf_world()
 
 
-
-
 # ---- the server process ---------------------------------------------------------------------------------------
 class ServerProcess:
     """``python -m htgrpo.serve reward=shapes serve.port=PORT ...`` as a subprocess (its output in ``log``)."""

@@ -10,7 +10,7 @@ Every GRPO run logs, at each rollout step, how spread its rollout images' colour
   background (the issue's "brown 38% of all pixels"; read when the runs logged it).
 
 This script reads them from fit run folders, averages over the seeds of each setting, prints a table at a few
-steps, and draws both curves (``--out`` PNG, markdown beside it). No training, no sampling.
+steps and each run's total rollout seconds (``time/rollout_s`` summed over its steps), and draws the curves (``--out`` PNG, markdown beside it). No training, no sampling.
 
     python experiments/shapes_geneval/collapse_curves.py --run GRPO=/runs/grpo_s0 --run GRPO=/runs/grpo_s1 \
         --run HT-GRPO=/runs/ht_s0 --out experiments/shapes_geneval/collapse/curves.png
@@ -27,6 +27,7 @@ import numpy as np
 
 TAGS = ("train/diversity/group_color_distance", "train/diversity/batch_color_distance")
 TOP_SHARE = "train/diversity/top_color_pixel_share"  # logged by runs made after it was added; optional here
+ROLLOUT_SECONDS = "time/rollout_s"  # seconds of each step's rollout phase: summed per run in the output
 TAGS_SHORT = {TAGS[0]: "within prompt", TAGS[1]: "across batch", TOP_SHARE: "top colour, share of pixels"}
 
 
@@ -43,7 +44,7 @@ def read_curves(run_dir: Path) -> dict[str, np.ndarray]:
         acc.Reload()
         tags = set(acc.Tags()["scalars"])
         steps = {e.step: e.value for e in acc.Scalars("train/rollout_step")} if "train/rollout_step" in tags else {}
-        for tag in (*TAGS, TOP_SHARE):
+        for tag in (*TAGS, TOP_SHARE, ROLLOUT_SECONDS):
             if tag in tags:
                 for event in acc.Scalars(tag):
                     found[tag][int(steps.get(event.step, event.step))] = float(event.value)
@@ -71,6 +72,15 @@ def table(curves: dict[str, dict[str, np.ndarray]], seeds: dict[str, int], at: l
         for tag in c:
             cells = [f"{c[tag][s]:.3f}" if s < len(c[tag]) else "–" for s in at]
             lines.append(f"| {name} | {seeds[name]} | {TAGS_SHORT[tag]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rollout_seconds(by_name: dict[str, list[dict[str, np.ndarray]]]) -> str:
+    """Markdown: per setting, each run's rollout seconds (``time/rollout_s`` summed over its steps; – if not logged)."""
+    lines = ["| setting | rollout seconds per run |", "|---|---|"]
+    for name, runs in by_name.items():
+        each = [f"{r[ROLLOUT_SECONDS].sum():.0f}" if ROLLOUT_SECONDS in r else "–" for r in runs]
+        lines.append(f"| {name} | {' / '.join(each)} |")
     return "\n".join(lines)
 
 
@@ -117,7 +127,7 @@ def main() -> None:
             parser.error(f"--run takes NAME=DIR, got {spec!r}")
         by_name[name].append(read_curves(Path(path)))
     curves = {name: mean_curves(runs) for name, runs in by_name.items()}
-    text = table(curves, {n: len(r) for n, r in by_name.items()}, args.at)
+    text = table(curves, {n: len(r) for n, r in by_name.items()}, args.at) + "\n\n" + rollout_seconds(by_name)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(curves, args.out)
     args.out.with_suffix(".md").write_text(text + "\n")

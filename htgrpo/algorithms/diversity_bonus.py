@@ -110,9 +110,11 @@ class RolloutColorSpread:
     top_color_pixel_share: float = float("nan")
 
     @staticmethod
-    def of(features: Tensor, num_generations: int) -> "RolloutColorSpread":
-        return RolloutColorSpread(float(group_diversity_bonus(features, num_generations).mean()),
-                                  mean_pairwise_distance(features), top_color_pixel_share(features))
+    def of(features: Tensor, group_bonus: Tensor) -> "RolloutColorSpread":
+        """From a rollout's features and their :func:`group_diversity_bonus` (computed once by the caller, who
+        also shapes the reward with it)."""
+        return RolloutColorSpread(float(group_bonus.mean()), mean_pairwise_distance(features),
+                                  top_color_pixel_share(features))
 
     def log(self) -> dict[str, float]:
         return {"train/diversity/group_color_distance": self.within_group,
@@ -172,12 +174,7 @@ class DiversityBonus:
         """``(B·G, D)`` features of a rollout's uint8 images."""
         return color_histogram(images, self.levels)
 
-    def bonus_of(self, features: Tensor, num_generations: int) -> Tensor:
-        """``(B·G,)`` bonus from a rollout's features (before the weight), by ``scope``."""
-        if self.scope == "batch":
-            return batch_diversity_bonus(features)
-        return group_diversity_bonus(features, num_generations)
-
-    def bonus(self, images: Tensor, num_generations: int) -> Tensor:
-        """``(B·G,)`` bonus of a rollout's uint8 images (before the weight)."""
-        return self.bonus_of(self.features(images), num_generations)
+    def bonus_of(self, features: Tensor, group_bonus: Tensor) -> Tensor:
+        """``(B·G,)`` bonus (before the weight) by ``scope``: the rollout's :func:`group_diversity_bonus` as given,
+        or the batch bonus of its features."""
+        return batch_diversity_bonus(features) if self.scope == "batch" else group_bonus

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from htgrpo.algorithms.base import PolicyModule
-from htgrpo.algorithms.diversity_bonus import DiversityBonus, RolloutColorSpread
+from htgrpo.algorithms.diversity_bonus import DiversityBonus, RolloutColorSpread, group_diversity_bonus
 from htgrpo.algorithms.lr_schedule import lr_decay_factor, validate_lr_schedule, warmup_factor
 from htgrpo.algorithms.grpo_math import LOSS_TYPES, SCALE_REWARDS, GroupAdvantages, group_advantages
 from htgrpo.config import ConfigError, require, require_choice, require_range
@@ -117,7 +117,7 @@ class GRPOModule(PolicyModule):
         lr_schedule, lr_min_ratio, lr_decay_batches: decay of the rate over rollout batches
             (:mod:`htgrpo.algorithms.lr_schedule`): ``constant`` | ``linear`` | ``cosine`` down to
             ``lr_min_ratio · lr`` over ``lr_decay_batches`` batches (None: the run's training batches).
-        diversity_bonus: group-diversity reward shaping ``{weight, feature, levels}``
+        diversity_bonus: group-diversity reward shaping ``{weight, feature, levels, scope}``
             (:mod:`htgrpo.algorithms.diversity_bonus`); weight 0 (the default) leaves the reward as it is.
     """
 
@@ -187,6 +187,7 @@ class GRPOModule(PolicyModule):
         self.seed = int(seed)
         self.lr_schedule, self.lr_min_ratio, self.lr_decay_batches = validate_lr_schedule(
             lr_schedule, lr_min_ratio, lr_decay_batches)
+        self._lr_total_known = False  # set by on_train_start once the run's length in rollout batches is checked
         self.diversity_bonus = DiversityBonus.from_config(as_dict(diversity_bonus))
 
         # The frozen reference: a copy of the starting policy (skipped when beta = 0). Frozen parameters are never
@@ -254,12 +255,15 @@ class GRPOModule(PolicyModule):
             raise RuntimeError(f"reward returned {len(output)} values for {len(rollout)} images")
         self.last_unshaped_rewards = output.scores  # the reward itself, before any shaping (reward curve, logs)
         features = self.rollout_color_features(rollout)
-        self.last_color_spread = None if features is None else RolloutColorSpread.of(features, self.num_generations)
+        self.last_color_spread = None
+        if features is not None:  # one group-bonus computation serves the log and the shaping
+            group_bonus = group_diversity_bonus(features, self.num_generations)
+            self.last_color_spread = RolloutColorSpread.of(features, group_bonus)
         if self.diversity_bonus.enabled:
             if features is None:
                 raise RuntimeError("algorithm.diversity_bonus needs the rollout's images as uint8 (N, 3, H, W) in "
                                    f"groups of num_generations={self.num_generations}")
-            output = self.shape_with_diversity(output, features)
+            output = self.shape_with_diversity(output, self.diversity_bonus.bonus_of(features, group_bonus))
         self.last_reward_output = output
         return output.scores
 
@@ -272,11 +276,10 @@ class GRPOModule(PolicyModule):
             return None
         return self.diversity_bonus.features(images)
 
-    def shape_with_diversity(self, output: RewardOutput, features: Tensor) -> RewardOutput:
-        """``reward + weight · bonus`` (:mod:`htgrpo.algorithms.diversity_bonus`) from the rollout's colour
-        features; the unshaped reward and the bonus are kept as components ``unshaped`` and ``diversity_bonus``
-        (logged as ``train/reward/<name>``; the reward's own components keep their names)."""
-        bonus = self.diversity_bonus.bonus_of(features, self.num_generations)
+    def shape_with_diversity(self, output: RewardOutput, bonus: Tensor) -> RewardOutput:
+        """``reward + weight · bonus`` (:mod:`htgrpo.algorithms.diversity_bonus`); the unshaped reward and the bonus
+        are kept as components ``unshaped`` and ``diversity_bonus`` (logged as ``train/reward/<name>``; the reward's
+        own components keep their names)."""
         components = dict(output.components)
         components[UNSHAPED] = output.scores
         components["diversity_bonus"] = bonus
@@ -369,7 +372,7 @@ class GRPOModule(PolicyModule):
         # LambdaLR evaluates the schedule in configure_optimizers, before the trainer knows the number of batches
         # (on a resumed run the rollout counter is already > 0 then): a provisional 1.0 until on_train_start has
         # checked T; on_train_batch_start sets every batch's rate from the schedule, so no update uses it.
-        if self.rollout_step == 0 or not getattr(self, "_lr_total_known", False):
+        if self.rollout_step == 0 or not self._lr_total_known:
             return 1.0
         return lr_decay_factor(self.rollout_step, self.lr_decay_total_batches(), self.lr_schedule, self.lr_min_ratio)
 
@@ -443,7 +446,7 @@ class GRPOModule(PolicyModule):
             log[f"train/reward/{group}"] = sum(values) / len(values)
         if self.last_reward_output is not None:
             log.update(reward_log(self.last_reward_output))
-        if getattr(self, "last_color_spread", None) is not None:
+        if self.last_color_spread is not None:
             log.update(self.last_color_spread.log())
         return log
 

@@ -25,8 +25,8 @@ Lightning's ``global_step`` counts optimiser updates (K per rollout batch); ``ro
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Mapping

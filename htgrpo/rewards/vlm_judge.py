@@ -343,8 +343,9 @@ class VLMJudgeReward(Reward):
 
     # -- one request -------------------------------------------------------------------------------------------------
     def _request(self, method: str, url: str, payload: bytes | None) -> Any:
-        """One HTTP exchange with retries on connection errors, timeouts and HTTP 408/425/429/5xx (remote.TRANSIENT_STATUSES) (``retry_wait``,
-        doubling). Returns the decoded JSON body; raises the last error."""
+        """One HTTP exchange with retries on connection errors, timeouts and the HTTP statuses of
+        ``remote.TRANSIENT_STATUSES`` (408/425/429/5xx; ``retry_wait``, doubling). Returns the decoded JSON body;
+        raises the last error."""
         wait = self.retry_wait
         for attempt in range(self.retries + 1):
             if attempt:
