@@ -124,6 +124,21 @@ class ResumableSampler(Sampler[int]):
         return self._usable_length() // self.world_size - self.start
 
 
+def hold_out_validation(stream: ShapesPromptStream, val_prompts: PromptSet | Sequence[BenchmarkPrompt]
+                        ) -> ShapesPromptStream:
+    """``stream`` with every validation prompt held out, logged with the tasks left without training prompts."""
+    val = val_prompts.prompts if isinstance(val_prompts, PromptSet) else list(val_prompts)
+    held = stream.holding_out([p.prompt for p in val])
+    if held.exhausted_tasks:
+        log.info("ShapesWorld training prompts hold out the %d validation prompts; %s: every prompt of %s is a "
+                 "validation prompt, so they are not trained on (their validation scores measure transfer)",
+                 len(val), "tasks " + ", ".join(held.exhausted_tasks),
+                 "these tasks" if len(held.exhausted_tasks) > 1 else "this task")
+    else:
+        log.info("ShapesWorld training prompts hold out the %d validation prompts", len(val))
+    return held
+
+
 class PromptDataModule(L.LightningDataModule):
     """Prompts for training and the benchmark's prompts for validation.
 
@@ -137,8 +152,10 @@ class PromptDataModule(L.LightningDataModule):
         seed: shuffling seed for prompt-set sources.
         allow_train_val_overlap: train on prompts that are also validation prompts on purpose. By default a
             prompt-set ``train`` sharing a prompt with ``val_prompts`` stops at start-up naming the count and an
-            example (:func:`htgrpo.data.train_val_overlap.check_train_val_overlap`; ShapesWorld streams are not
-            checked).
+            example (:func:`htgrpo.data.train_val_overlap.check_train_val_overlap`), and a ShapesWorld stream holds
+            every validation prompt out (:func:`hold_out_validation`; tasks whose whole prompt space is in the
+            validation set are then not trained on at all). ``true`` trains the stream on its whole prompt space
+            (the warm starts do: they play the pretrained base model).
     """
 
     def __init__(self, train: ShapesPromptStream | PromptSet, val_prompts: PromptSet | None = None,
@@ -153,6 +170,8 @@ class PromptDataModule(L.LightningDataModule):
         require(int(num_workers) >= 0, "num_workers", f"must be >= 0, got {num_workers}")
         # Before any model loads (fit builds the data before the policy): a test-set run stops here.
         check_train_val_overlap(train, val_prompts, allow=allow_train_val_overlap)
+        if isinstance(train, ShapesPromptStream) and val_prompts is not None and not allow_train_val_overlap:
+            train = hold_out_validation(train, val_prompts)
         block = getattr(train, "block_size", 0)
         if block and int(batch_size) % block:
             # Still balanced over every block, just not within each batch: worth a word, not a failure.

@@ -187,10 +187,23 @@ class ShapesPromptStream:
         dpg_fraction: probability of a dense DPG-style prompt, in [0, 1].
         with_images: also render a scene that satisfies the prompt (supervised warm start).
         task_schedule: ``random`` | ``stratified`` (see above).
+        held_out: prompts the stream never yields (compared by
+            :func:`~htgrpo.data.train_val_overlap.prompt_key`): a drawn prompt that is held out is drawn again from
+            the same generator, and a task whose every prompt is held out (with three shapes, a validation set holds
+            all single_object, two_object and counting prompts there are) is left out of the stream, its weight
+            with it. :class:`~htgrpo.data.datamodules.PromptDataModule` passes the validation prompts
+            (:meth:`holding_out`). Empty (the default), example ``i`` is what it was before held-out prompts existed.
     """
 
+    #: draws of one example before a stream whose held-out set covers (nearly) all of a task gives up
+    MAX_REDRAWS = 10_000
+
     def __init__(self, world: ShapesWorldConfig, seed: int = 0, task_weights: dict[str, float] | None = None,
-                 dpg_fraction: float = 0.0, with_images: bool = False, task_schedule: str = "random"):
+                 dpg_fraction: float = 0.0, with_images: bool = False, task_schedule: str = "random",
+                 held_out: Sequence[str] = ()):
+        from htgrpo.data.shapes.prompts import geneval_task_prompts
+        from htgrpo.data.train_val_overlap import prompt_key
+
         weights = dict(task_weights) if task_weights is not None else {t: 1.0 for t in GENEVAL_TASKS}
         unknown = [t for t in weights if t not in GENEVAL_TASKS]
         require(not unknown, "task_weights", f"unknown task(s) {unknown}; tasks are {list(GENEVAL_TASKS)}")
@@ -199,6 +212,17 @@ class ShapesPromptStream:
         total = sum(float(w) for w in weights.values())
         require(total > 0 or float(dpg_fraction) == 1.0, "task_weights", "at least one task needs a positive weight")
         self.world, self.seed, self.dpg_fraction, self.with_images = world, int(seed), float(dpg_fraction), bool(with_images)
+        self.task_weights = dict(weights)
+        self.held_out = frozenset(prompt_key(p) for p in held_out)
+        self.exhausted_tasks = tuple(
+            t for t in GENEVAL_TASKS if float(weights.get(t, 0.0)) > 0 and self.held_out
+            and all(prompt_key(p) in self.held_out for p in geneval_task_prompts(world, t)))
+        """Tasks with a positive weight whose every prompt is held out: the stream has none of them to train on."""
+        for t in self.exhausted_tasks:
+            weights[t] = 0.0
+        require(any(float(w) > 0 for w in weights.values()) or float(dpg_fraction) > 0, "task_weights",
+                f"every prompt of every weighted task is held out (tasks {list(self.exhausted_tasks)}): nothing is "
+                "left to train on")
         self.tasks = tuple(t for t in GENEVAL_TASKS if float(weights.get(t, 0.0)) > 0)
         self.task_probs = np.array([float(weights[t]) for t in self.tasks], dtype=np.float64)
         if self.task_probs.size:
@@ -225,17 +249,29 @@ class ShapesPromptStream:
         order = np.random.default_rng([self.seed, block, 1]).permutation(len(self.block))
         return self.block[int(order[slot])]
 
+    def holding_out(self, prompts: Sequence[str]) -> ShapesPromptStream:
+        """The same stream with ``prompts`` added to its held-out set (see the class docstring)."""
+        return ShapesPromptStream(self.world, self.seed, self.task_weights, self.dpg_fraction, self.with_images,
+                                  self.task_schedule, held_out=[*self.held_out, *prompts])
+
     def __getitem__(self, index: int) -> StreamItem:
         from htgrpo.data.shapes.prompts import random_dpg_item, random_geneval_record
+        from htgrpo.data.train_val_overlap import prompt_key
 
         rng = np.random.default_rng([self.seed, int(index)])
-        if self.dpg_fraction > 0 and (not self.tasks or rng.random() < self.dpg_fraction):
-            record: GenEvalRecord | DPGItem = random_dpg_item(rng, self.world, item_id=f"train{index}")
-            prompt = _dpg_prompt("shapes_dpg", record)
+        dense = self.dpg_fraction > 0 and (not self.tasks or rng.random() < self.dpg_fraction)
+        tag = None if dense else self._task_of(index, rng)
+        for _ in range(self.MAX_REDRAWS):
+            if dense:
+                record: GenEvalRecord | DPGItem = random_dpg_item(rng, self.world, item_id=f"train{index}")
+            else:
+                record = random_geneval_record(rng, self.world, tag)
+            if prompt_key(record.prompt) not in self.held_out:
+                break
         else:
-            tag = self._task_of(index, rng)
-            record = random_geneval_record(rng, self.world, tag)
-            prompt = _geneval_prompt("shapes_geneval", int(index), record)
+            raise ConfigError("held_out", f"example {index}: {self.MAX_REDRAWS} draws of task {tag or 'dpg'} were all "
+                                          "held-out prompts; hold out fewer prompts or drop the task's weight")
+        prompt = _dpg_prompt("shapes_dpg", record) if dense else _geneval_prompt("shapes_geneval", int(index), record)
         image = render_record(record, rng, self.world) if self.with_images else None
         return StreamItem(index=int(index), prompt=prompt, image=image)
 

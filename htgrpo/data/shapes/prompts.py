@@ -158,6 +158,30 @@ def random_geneval_record(rng: np.random.Generator, world: ShapesWorldConfig, ta
     raise MetadataError(f"unknown GenEval task tag {tag!r}; expected one of {GENEVAL_TASKS}")
 
 
+def geneval_task_prompts(world: ShapesWorldConfig, tag: str) -> list[str]:
+    """Every prompt :func:`random_geneval_record` can draw for task ``tag`` over ``world.shapes``, in a fixed order.
+
+    Sizes with S shapes, the 10 GenEval colours and 4 relations: single_object S, two_object S(S−1), counting 3S,
+    colors 10S, position 4S(S−1), color_attr 90·S(S−1). Used to tell which tasks a held-out set exhausts.
+    """
+    shapes = list(world.shapes)
+    pairs = [(a, b) for a in shapes for b in shapes if a != b]
+    if tag == "single_object":
+        return [f"a photo of {with_article(a)}" for a in shapes]
+    if tag == "two_object":
+        return [f"a photo of {with_article(a)} and {with_article(b)}" for a, b in pairs]
+    if tag == "counting":
+        return [f"a photo of {NUMBER_WORDS[n]} {plural(a)}" for a in shapes for n in range(2, GENEVAL_MAX_COUNT + 1)]
+    if tag == "colors":
+        return [f"a photo of {with_article(f'{c} {a}')}" for a in shapes for c in GENEVAL_COLORS]
+    if tag == "position":
+        return [f"a photo of {with_article(a)} {rel} {with_article(b)}" for a, b in pairs for rel in GENEVAL_RELATIONS]
+    if tag == "color_attr":
+        return [f"a photo of {with_article(f'{c1} {a}')} and {with_article(f'{c2} {b}')}"
+                for a, b in pairs for c1 in GENEVAL_COLORS for c2 in GENEVAL_COLORS if c1 != c2]
+    raise MetadataError(f"unknown GenEval task tag {tag!r}; expected one of {GENEVAL_TASKS}")
+
+
 def geneval_prompt_set(
     world: ShapesWorldConfig,
     per_task: int,
