@@ -205,3 +205,65 @@ def test_allow_switch_must_be_a_boolean(compose, tmp_path):
 
 def test_prompt_key_ignores_case_and_spacing():
     assert prompt_key("  A photo of\ta  Dog ") == prompt_key("a photo of a dog") == "a photo of a dog"
+
+
+# ---- ShapesWorld: the training stream holds the validation prompts out -----------------------------------------
+
+
+def test_shapes_main_command_trains_on_no_validation_prompt(compose, caplog):
+    """`experiment=shapes_ht` as fit builds it: 2400 training prompts, none a validation prompt; the tasks whose whole
+    prompt space is in the validation set are named at start-up and not drawn; the others are, in the stratified mix."""
+    import logging
+
+    cfg = compose("fit", ["experiment=shapes_ht"])
+    val = instantiate_node(cfg, "benchmark").prompts
+    with caplog.at_level(logging.INFO, logger="htgrpo.data.datamodules"):
+        datamodule = instantiate_node(cfg, "data", val_prompts=val)
+    stream = datamodule.train_source
+    train = [stream[i].prompt for i in range(2400)]
+    val_keys = {prompt_key(p.prompt) for p in val}
+    assert not [p.prompt for p in train if prompt_key(p.prompt) in val_keys]
+    assert stream.exhausted_tasks == ("single_object", "two_object", "counting")
+    assert Counter(p.group for p in train) == {"colors": 800, "position": 800, "color_attr": 800}
+    assert Counter(p.group for p in train[:6]) == {"colors": 2, "position": 2, "color_attr": 2}  # each batch of 6
+    assert "hold out the 84 validation prompts" in caplog.text and "single_object, two_object, counting" in caplog.text
+    # every held-out-free prompt of the tasks trained on is reachable (colors: 30 - 19 validation prompts)
+    from htgrpo.data.shapes.prompts import geneval_task_prompts
+
+    for task in ("colors", "position"):
+        free = {p for p in geneval_task_prompts(stream.world, task) if prompt_key(p) not in val_keys}
+        assert {p.prompt for p in train if p.group == task} == free
+
+
+def test_shapes_overlap_switch_keeps_the_whole_prompt_space(compose):
+    """`data.allow_train_val_overlap=true` (the warm starts' setting): example i is the stream's original example i,
+    validation prompts included."""
+    from htgrpo.data.prompt_sets import ShapesPromptStream
+
+    cfg = compose("fit", ["experiment=shapes_ht", "data.allow_train_val_overlap=true"])
+    val = instantiate_node(cfg, "benchmark").prompts
+    stream = instantiate_node(cfg, "data", val_prompts=val).train_source
+    plain = ShapesPromptStream(stream.world, seed=1000, task_weights=dict(stream.task_weights),
+                               task_schedule="stratified")
+    assert [stream[i].prompt.prompt for i in range(60)] == [plain[i].prompt.prompt for i in range(60)]
+    val_keys = {prompt_key(p.prompt) for p in val}
+    assert sum(prompt_key(stream[i].prompt.prompt) in val_keys for i in range(240)) > 100
+    assert compose("fit", ["experiment=shapes_pretrain"]).data.allow_train_val_overlap is True
+
+
+def test_shapes_stream_redraws_held_out_prompts_and_refuses_an_empty_stream():
+    from htgrpo.data.prompt_sets import ShapesPromptStream
+    from htgrpo.data.shapes.palette import ShapesWorldConfig
+    from htgrpo.data.shapes.prompts import geneval_task_prompts
+
+    world = ShapesWorldConfig()
+    held = ["A photo of a  circle", "a photo of a square"]  # compared by prompt_key
+    stream = ShapesPromptStream(world, seed=3, task_weights={"single_object": 1}, held_out=held)
+    assert {stream[i].prompt.prompt for i in range(50)} == {"a photo of a triangle"}
+    assert stream.exhausted_tasks == ()
+    everything = geneval_task_prompts(world, "single_object")
+    with pytest.raises(ConfigError) as err:
+        ShapesPromptStream(world, seed=3, task_weights={"single_object": 1}, held_out=everything)
+    assert err.value.key == "task_weights" and "single_object" in str(err.value)
+    mixed = ShapesPromptStream(world, seed=3, task_weights={"single_object": 1, "colors": 1}, held_out=everything)
+    assert mixed.exhausted_tasks == ("single_object",) and {mixed[i].prompt.group for i in range(40)} == {"colors"}

@@ -4,11 +4,11 @@ A policy trained on the prompts it is scored on reports a test-set score, not a 
 stops at start-up when a finite training prompt set (``data.train``: GenEval or DPG-Bench files) shares a prompt
 with the benchmark's validation set, unless ``data.allow_train_val_overlap=true`` says it is meant.
 
-ShapesWorld's training stream (:class:`~htgrpo.data.prompt_sets.ShapesPromptStream`) is not checked: it is
-unbounded, and with three shapes the validation set holds every single_object, two_object and counting prompt
-there is, so no held-out split exists for those tasks (measured on ``experiment=shapes_ht``: 169 of its 240
-training prompts are validation prompts). The toy benchmark measures learning on its own prompt space; see the
-README section "ShapesWorld".
+ShapesWorld's training stream (:class:`~htgrpo.data.prompt_sets.ShapesPromptStream`) is unbounded, so it is not
+compared here: :class:`~htgrpo.data.datamodules.PromptDataModule` makes it hold every validation prompt out instead
+(same switch). With three shapes the validation set holds every single_object, two_object and counting prompt there
+is, so those tasks are then not trained on and their scores measure transfer from the other three (measured on
+``experiment=shapes_ht``: before this, 169 of its first 240 training prompts were validation prompts; now none).
 """
 
 from __future__ import annotations
