@@ -207,3 +207,92 @@ def test_rollout_cache_applies_to_rollouts_only(compose):
     with pytest.raises(ConfigError, match="rollout_cache"):
         instantiate_node(bad, "algorithm", policy=instantiate_node(bad, "policy"), benchmark=None,
                          sampler=SamplerSettings())
+
+
+# ---- kv_refresh: recompute what the sampler reads ----------------------------------------------------------------
+
+
+def test_samplers_tell_a_kv_refresh_cache_which_positions_they_read():
+    """emerge passes exactly the positions it unmasks this step (drawn before the forward), MaskGIT every masked one."""
+    from htgrpo.policies.sampling import emerge_sample, maskgit_sample
+
+    policy = _policy()
+    prompt = policy.encode_prompts(PROMPTS[:2])
+    for sampler, reads_all_masked in ((emerge_sample, False), (maskgit_sample, True)):
+        seen = []
+
+        class Spy:
+            takes_needed = True
+
+            def __call__(self, codes, s, needed):
+                seen.append((codes.clone(), needed.clone()))
+                return policy.guided_image_logits(codes, prompt, s)
+
+        canvas = torch.full((2, policy.num_image_tokens), MASKED)
+        out = sampler(Spy(), canvas, num_steps=6, guidance_scale=2.0, generator=torch.Generator().manual_seed(3))
+        for k, (codes, needed) in enumerate(seen):
+            masked = codes == MASKED
+            assert not (needed & ~masked).any()  # never a committed position
+            if reads_all_masked:
+                assert torch.equal(needed, masked)
+            else:  # the positions committed at this call, no more
+                nxt = seen[k + 1][0] if k + 1 < len(seen) else out.codes
+                assert torch.equal(needed, masked & (nxt != MASKED))
+
+
+@pytest.mark.parametrize("name", ["emerge", "maskgit"])
+def test_kv_refresh_with_a_full_pass_at_every_change_is_exact(name):
+    """kv_refresh_share tiny: every call after a commit is a full pass, so the samples are the exact sampler's (CFG,
+    micro-batched rollouts included)."""
+    from htgrpo.algorithms.rollout import sample_in_micro_batches
+
+    policy = _policy(4)
+    prompt = policy.encode_prompts(PROMPTS)
+    exact = SamplerSettings(name=name, num_steps=6, guidance_scale=2.0)
+    every = SamplerSettings(name=name, num_steps=6, guidance_scale=2.0, cache="kv_refresh", kv_refresh_share=1e-9)
+    a = exact.sample(policy, prompt, torch.Generator().manual_seed(1))
+    b = every.sample(policy, prompt, torch.Generator().manual_seed(1))
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.commit_step, b.commit_step)
+    c = sample_in_micro_batches(every, policy, prompt, torch.Generator().manual_seed(1), 2)
+    d = sample_in_micro_batches(exact, policy, prompt, torch.Generator().manual_seed(1), 2)
+    assert torch.equal(c.codes, d.codes)
+    with pytest.raises(ConfigError, match="kv_refresh_share"):
+        SamplerSettings(cache="kv_refresh", kv_refresh_share=0.0)
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_kv_refresh_cached_step_computes_only_needed_and_changed_positions(guidance):
+    """A cached step runs the needed positions and the ones whose token changed since their keys/values were computed,
+    no others: the needed logits are exact when nothing else changed, unread positions keep their old logits, and
+    a full pass comes once the changed share reaches kv_refresh_share."""
+    from htgrpo.policies.ml_cache import KeyValueRefreshLogits
+
+    torch.manual_seed(0)
+    policy = _policy()
+    prompt = policy.encode_prompts(PROMPTS[:2])
+    N = policy.num_image_tokens
+    fn = KeyValueRefreshLogits(policy, prompt, 6, refresh_share=0.3)
+    rows = 2 * (2 if guidance else 1)
+    codes = torch.full((2, N), MASKED)
+    needed = torch.zeros(2, N, dtype=torch.bool)
+    needed[:, 10:20] = True
+    with torch.no_grad():
+        first = fn(codes, guidance, needed=needed)
+        T = fn.cache.ids.shape[1]
+        assert fn.full_passes == 1 and fn.positions_computed == rows * T
+        # nothing changed: only the 10 needed positions run, and their logits are the exact ones
+        second = fn(codes, guidance, needed=needed)
+        assert fn.full_passes == 1 and fn.positions_computed == rows * T + rows * 10
+        exact = policy.guided_image_logits(codes, prompt, guidance)
+        assert torch.allclose(second[needed], exact[needed], atol=1e-5, rtol=1e-5)
+        assert torch.equal(second[~needed], first[~needed])
+        # commit those 10 (8% of the image < 30%): the next cached step recomputes them too (keys/values of the token)
+        codes[needed] = torch.randint(0, policy.codebook_size, (20,))
+        later = torch.zeros_like(needed)
+        later[:, 30:35] = True
+        fn(codes, guidance, needed=later)
+        assert fn.full_passes == 1 and fn.positions_computed == rows * T + rows * 10 + rows * 15
+        # commit 30% of the image: a full pass
+        codes[:, 40:40 + int(0.3 * N)] = 0
+        fn(codes, guidance, needed=later)
+        assert fn.full_passes == 2

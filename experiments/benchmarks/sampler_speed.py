@@ -1,8 +1,10 @@
-"""MaskGIT sampler throughput of the masked-diffusion policy, and what restricting logits buys, at two geometries.
+"""Sampler throughput of the masked-diffusion policy, what restricting logits buys at two geometries, and the caches.
 
-Measures images/s of ``maskgit_sample`` once computing logits only at the N image positions over the image-code
-columns (the default) and once the full way (full-vocabulary logits at every position, then sliced), on the same
-policy, prompts and generator seed; both must give identical samples (the script checks). Two rows, one process:
+Measures the seconds per batch of the ``--sampler`` (``emerge``, MaskGRPO's ancestral sampler that the ShapesWorld
+experiments use, by default; ``maskgit`` for MMaDA/DiMOO's) once computing logits only at the N image positions over
+the image-code columns (the default) and once the full way (full-vocabulary logits at every position, then sliced),
+on the same policy, prompts and generator seed; both must give identical samples (the script checks). Two rows, one
+process:
 
 - ``real``: a body-dominated geometry whose LM-head : body FLOP ratio equals MMaDA-8B's. MMaDA-8B's full head
   (134,656 rows) costs 2·D·V per position; its body 2·L·(4D² + 3DF) + attention 4·L·T·D per token
@@ -14,10 +16,11 @@ policy, prompts and generator seed; both must give identical samples (the script
 - ``toy``: the same body with MMaDA's full 134,656-row head, where the head costs ~10× the body; the 5× speed-up
   measured there comes from the head and does not carry over to 8B models.
 
-Then, at the real geometry, the exact sampler against ``sampler.cache=ml_cache`` (DiMOO's max-logit cache at its
-released knobs, ``--cache-ratio/--warmup-ratio/--refresh-interval``) and ``ml_cache_fresh``, same steps, CFG and seed,
-interleaved; the last line is ``cached vs exact: R.RRx`` for ``--cache`` (default ml_cache). On the CPU times are
-process CPU seconds (a shared machine stretches wall time, not this process's CPU time); on a GPU, wall seconds.
+Then, at the real geometry, the exact sampler against each ``sampler.cache`` mode, same sampler, steps, CFG and seed,
+interleaved: ``ml_cache`` (DiMOO's max-logit cache at its released knobs, ``--cache-ratio/--warmup-ratio/
+--refresh-interval``), ``ml_cache_fresh`` and ``kv_refresh`` (``--kv-refresh-share``). The last line is
+``cached vs exact: R.RRx`` for ``--cache`` (default kv_refresh). On the CPU times are process CPU seconds (a shared
+machine stretches wall time, not this process's CPU time); on a GPU, wall seconds.
 
     python experiments/benchmarks/sampler_speed.py                      # both rows, random weights
     python experiments/benchmarks/sampler_speed.py --geometry real      # one row
@@ -42,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from htgrpo.policies.masked_diffusion import MaskedDiffusionPolicy  # noqa: E402
 from htgrpo.policies.shapes_llada import toy_masked_diffusion_policy  # noqa: E402
-from htgrpo.policies.ml_cache import MaxLogitCacheLogits, MLCacheSettings  # noqa: E402
-from htgrpo.policies.sampling import maskgit_sample  # noqa: E402
+from htgrpo.policies.ml_cache import KeyValueRefreshLogits, MaxLogitCacheLogits, MLCacheSettings  # noqa: E402
+from htgrpo.policies.sampling import emerge_sample, maskgit_sample  # noqa: E402
 from htgrpo.policies.t2i_layout import MASKED  # noqa: E402
 
 PROMPTS = [
@@ -86,14 +89,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--d-model", type=int, default=256, help="toy body width (default 256)")
     ap.add_argument("--n-layers", type=int, default=4, help="toy body depth (default 4)")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=16, help="sampling steps (maskgit_sample default: 16)")
-    ap.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale (maskgit_sample default: 3.0)")
+    ap.add_argument("--steps", type=int, default=12, help="sampling steps (the ShapesWorld experiments': 12)")
+    ap.add_argument("--guidance-scale", type=float, default=2.0, help="CFG scale (the ShapesWorld experiments': 2.0)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median reported)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache", default="ml_cache", choices=["ml_cache", "ml_cache_fresh"],
+    ap.add_argument("--sampler", default="emerge", choices=["emerge", "maskgit"],
+                    help="emerge (MaskGRPO's ancestral sampler, the ShapesWorld experiments') or maskgit (MMaDA/DiMOO)")
+    ap.add_argument("--kv-refresh-share", type=float, default=0.25, help="kv_refresh knob (default 0.25)")
+    ap.add_argument("--cache", default="kv_refresh", choices=["ml_cache", "ml_cache_fresh", "kv_refresh"],
                     help="the cache mode of the last line (both are measured)")
     ap.add_argument("--cache-ratio", type=float, default=0.9, help="ML-Cache knob (DiMOO default 0.9)")
     ap.add_argument("--warmup-ratio", type=float, default=0.3, help="ML-Cache knob (DiMOO default 0.3)")
@@ -108,38 +114,49 @@ def clock_for(device: torch.device):
     return time.process_time if device.type == "cpu" else time.perf_counter
 
 
+def sampler_fn(args):
+    """The sampling function ``--sampler`` names."""
+    return emerge_sample if args.sampler == "emerge" else maskgit_sample
+
+
 def timed_sample(policy, prompt, args, mode: str, cache: MLCacheSettings | None = None
                  ) -> tuple[float, torch.Tensor, float]:
-    """One ``maskgit_sample`` call: ``restricted`` (image logits only), ``full_vocab``, or a ``sampler.cache`` mode
-    (``ml_cache``, ``ml_cache_fresh``). Returns (seconds, codes, share of the exact sampler's positions computed)."""
+    """One ``--sampler`` call: ``restricted`` (image logits only), ``full_vocab``, or a ``sampler.cache`` mode
+    (``ml_cache``, ``ml_cache_fresh``, ``kv_refresh``). Returns (seconds, codes, share of the exact sampler's
+    positions computed)."""
     gen = torch.Generator(device=policy.device).manual_seed(args.seed)
     clock = clock_for(policy.device)
+    sample = sampler_fn(args)
     if policy.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = clock()
     share = 1.0
-    if mode.startswith("ml_cache"):
-        fn = MaxLogitCacheLogits(policy, prompt, args.steps, cache or MLCacheSettings(),
-                                 recompute_changed=mode == "ml_cache_fresh")
+    if mode in CACHE_MODES:
+        if mode == "kv_refresh":
+            fn = KeyValueRefreshLogits(policy, prompt, args.steps, args.kv_refresh_share)
+        else:
+            fn = MaxLogitCacheLogits(policy, prompt, args.steps, cache or MLCacheSettings(),
+                                     recompute_changed=mode == "ml_cache_fresh")
         canvas = torch.full((prompt.batch_size, policy.num_image_tokens), MASKED, dtype=torch.long,
                             device=policy.device)
-        out = maskgit_sample(fn, canvas, num_steps=args.steps, guidance_scale=args.guidance_scale, generator=gen)
+        out = sample(fn, canvas, num_steps=args.steps, guidance_scale=args.guidance_scale, generator=gen)
         rows = prompt.batch_size * (2 if args.guidance_scale else 1)
-        share = fn.positions_computed / (fn.calls * rows * policy.layout.seq_len)
+        calls = fn.calls
+        share = fn.positions_computed / (calls * rows * policy.layout.seq_len)
     else:
-        out = maskgit_sample(policy, prompt, num_steps=args.steps, guidance_scale=args.guidance_scale, generator=gen,
-                             full_vocab=mode == "full_vocab")
+        out = sample(policy, prompt, num_steps=args.steps, guidance_scale=args.guidance_scale, generator=gen,
+                     full_vocab=mode == "full_vocab")
     if policy.device.type == "cuda":
         torch.cuda.synchronize()
     return clock() - t0, out.codes, share
 
 
-CACHE_MODES = ("ml_cache", "ml_cache_fresh")
+CACHE_MODES = ("ml_cache", "ml_cache_fresh", "kv_refresh")
 
 
 def measure_cache(policy, args) -> dict:
     """Exact (restricted logits) vs each cache mode at the given knobs (DiMOO's released ones by default), same
-    steps, CFG and seed, interleaved so that background load hits all alike; medians."""
+    sampler, steps, CFG and seed, interleaved so that background load hits all alike; medians."""
     prompt = policy.encode_prompts([PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)])
     settings = MLCacheSettings(args.cache_ratio, args.warmup_ratio, args.refresh_interval)
     modes = ("restricted", *CACHE_MODES)
@@ -153,7 +170,8 @@ def measure_cache(policy, args) -> dict:
             dt, _, shares[mode] = timed_sample(policy, prompt, args, mode, settings)
             times[mode].append(dt)
     exact = statistics.median(times["restricted"])
-    out = {"settings": dataclasses.asdict(settings), "exact_s": exact, "times": times, "modes": {}}
+    out = {"settings": {**dataclasses.asdict(settings), "kv_refresh_share": args.kv_refresh_share},
+           "exact_s": exact, "times": times, "modes": {}}
     for mode in CACHE_MODES:
         sec = statistics.median(times[mode])
         out["modes"][mode] = {"seconds": sec, "speedup": exact / sec, "positions_computed_share": shares[mode]}
@@ -213,10 +231,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = f"cpu ({torch.get_num_threads()} threads)" if args.device == "cpu" else args.device
     report = {"device": device, "torch": torch.__version__, "machine": platform.machine(),
               "load_average": os.getloadavg()[0], "batch_size": args.batch_size, "steps": args.steps,
-              "guidance_scale": args.guidance_scale, "repeats": args.repeats,
+              "guidance_scale": args.guidance_scale, "repeats": args.repeats, "sampler": args.sampler,
               "mmada_head_body_ratio": mmada_head_body_ratio(), "rows": {}}
     unit = "process CPU seconds" if args.device == "cpu" else "seconds"
-    print(f"maskgit_sample, random weights, batch {args.batch_size}, {args.steps} steps, cfg {args.guidance_scale}, "
+    print(f"{args.sampler} sampler, random weights, batch {args.batch_size}, {args.steps} steps, cfg {args.guidance_scale}, "
           f"{device}, load average {report['load_average']:.1f}, times in {unit}; MMaDA-8B head:body FLOP ratio "
           f"{report['mmada_head_body_ratio']:.4f} (134656-row head vs D 4096 × 32 layers at T 1283)")
     print(f"{'geometry':<10} {'body':>10} {'head rows':>9} {'head:body':>9} {'restricted s':>12} {'full s':>8} "
@@ -235,8 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
     cache = measure_cache(policies[cache_row].to(args.device).eval(), args)
     report["cache"] = {"geometry": cache_row, **cache}
     s = cache["settings"]
-    print(f"caches at the {cache_row} geometry (cache_ratio {s['cache_ratio']}, warmup_ratio {s['warmup_ratio']}, "
-          f"refresh_interval {s['refresh_interval']}), exact {cache['exact_s']:.3f} s per batch:")
+    print(f"caches at the {cache_row} geometry (ml_cache: cache_ratio {s['cache_ratio']}, warmup_ratio "
+          f"{s['warmup_ratio']}, refresh_interval {s['refresh_interval']}; kv_refresh: kv_refresh_share "
+          f"{s['kv_refresh_share']}), exact {cache['exact_s']:.3f} s per batch:")
     for mode, m in cache["modes"].items():
         print(f"  {mode:<15} {m['seconds']:.3f} s  {m['speedup']:.2f}x  ({m['positions_computed_share']:.0%} of the "
               f"exact sampler's positions computed)")

@@ -145,16 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     # the ablation runs have their own table (their HT-GRPO seeds must not merge into the main study's row)
     extra = [] if args.study_name == "ablation" else [args.study_name]
     studies = [args.log_dir / name for name in dict.fromkeys(["study", "study_mar", *extra])]
-    if args.study_name == "ablation":
-        from make_table import collect, render
+    if args.study_name == "ablation":  # its own table: rows committed under ablation/runs/, paired by seed
+        from ablation_table import main as ablation_table
 
-        print(render(collect(study)))
+        ablation_table(["--collect", "--study", str(study)])
+        return 0
     print(write_table([d for d in studies if d.is_dir()], HERE / "README.md"))
-    if args.study_name == "ablation":
-        from make_table import ABLATION_END, ABLATION_START, write_gains
-
-        print(write_gains(study, HERE / "README.md", markers=(ABLATION_START, ABLATION_END)))
-    elif any(family(m) == "llada" for m in args.methods):
+    if any(family(m) == "llada" for m in args.methods):
         from make_table import write_gains
 
         print(write_gains(args.log_dir / "study", HERE / "README.md"))  # gains, intervals, tests against HT-GRPO

@@ -13,7 +13,7 @@ import torch
 from htgrpo.config import require, require_choice
 from htgrpo.data.records import BenchmarkPrompt
 from htgrpo.policies.masked_diffusion import MaskedDiffusionPolicy
-from htgrpo.policies.ml_cache import CACHES, MaxLogitCacheLogits, MLCacheSettings
+from htgrpo.policies.ml_cache import CACHES, KeyValueRefreshLogits, MaxLogitCacheLogits, MLCacheSettings
 from htgrpo.policies.sampling import COUNT_RULES
 from htgrpo.policies.t2i_layout import MASKED
 
@@ -43,7 +43,11 @@ class SamplerSettings:
             or ``ml_cache_fresh``: the same, also recomputing positions whose token changed; LLaDA-architecture
             policies only; its knobs ``cache_ratio`` (share of positions reused on a cached
             step), ``warmup_ratio`` (share of the first steps computed in full) and ``refresh_interval`` (a full
-            step every that many after the warm-up) have DiMOO's released defaults 0.9, 0.3, 5.
+            step every that many after the warm-up) have DiMOO's released defaults 0.9, 0.3, 5; or ``kv_refresh``
+            (:class:`~htgrpo.policies.ml_cache.KeyValueRefreshLogits`): cached steps recompute only the positions the
+            sampler reads and the just-committed ones, and a full pass runs once ``kv_refresh_share`` of the image
+            changed since the last one.
+        kv_refresh_share: ``kv_refresh`` only: share of the image that must change before a full pass, in (0, 1].
     """
 
     name: str = "maskgit"
@@ -58,6 +62,7 @@ class SamplerSettings:
     cache_ratio: float = 0.9
     warmup_ratio: float = 0.3
     refresh_interval: int = 5
+    kv_refresh_share: float = 0.25
 
     def __post_init__(self) -> None:
         require_choice(self.name, SAMPLERS, "name")
@@ -71,6 +76,8 @@ class SamplerSettings:
                 f"must be >= 0 or null, got {self.choice_temperature}")
         require_choice(self.cache, CACHES, "cache")
         self.ml_cache_settings()  # validates cache_ratio, warmup_ratio, refresh_interval (errors name the key)
+        require(0 < float(self.kv_refresh_share) <= 1, "kv_refresh_share",
+                f"must be in (0, 1], got {self.kv_refresh_share}")
 
     def ml_cache_settings(self) -> MLCacheSettings:
         return MLCacheSettings(float(self.cache_ratio), float(self.warmup_ratio), self.refresh_interval)
@@ -85,8 +92,12 @@ class SamplerSettings:
             # the cached logits stand in for the policy: the sampler gets a logits_fn and the fully masked canvas
             require(hasattr(policy, "guided_image_logits") and hasattr(policy, "layout"), "cache",
                     f"ml_cache needs a LLaDA-architecture masked-diffusion policy, got {type(policy).__name__}")
-            logits_fn = MaxLogitCacheLogits(policy, prompt_tokens, int(self.num_steps), self.ml_cache_settings(),
-                                            recompute_changed=self.cache == "ml_cache_fresh")
+            if self.cache == "kv_refresh":
+                logits_fn = KeyValueRefreshLogits(policy, prompt_tokens, int(self.num_steps),
+                                                  float(self.kv_refresh_share))
+            else:
+                logits_fn = MaxLogitCacheLogits(policy, prompt_tokens, int(self.num_steps), self.ml_cache_settings(),
+                                                recompute_changed=self.cache == "ml_cache_fresh")
             canvas = torch.full((prompt_tokens.batch_size, policy.num_image_tokens), MASKED, dtype=torch.long,
                                 device=policy.device)
             policy, prompt_tokens = logits_fn, canvas

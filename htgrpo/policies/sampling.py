@@ -198,6 +198,14 @@ def _resolve(policy: Any, prompt: Any, full_vocab: bool) -> tuple[ImageLogitsFn,
     raise TypeError(f"expected a policy with guided_image_logits or a logits_fn, got {type(policy).__name__}")
 
 
+def _logits(fn: ImageLogitsFn, codes: torch.Tensor, guidance_scale: float, needed: torch.Tensor) -> torch.Tensor:
+    """``fn(codes, s)``; a logits_fn that can skip positions (``takes_needed``, the ``kv_refresh`` cache) is also told
+    which positions (B, N) this step reads, and may return stale logits elsewhere."""
+    if getattr(fn, "takes_needed", False):
+        return fn(codes, guidance_scale, needed=needed)
+    return fn(codes, guidance_scale)
+
+
 def _commit(
     out: SampledImageTokens, where: torch.Tensor, step: int, sampled: torch.Tensor, logp: torch.Tensor
 ) -> None:
@@ -269,9 +277,9 @@ def maskgit_sample(
             raise ValueError(f"unknown noise_anneal {noise_anneal!r}")
         if counts[k] == 0:
             continue
-        logp = torch.log_softmax(fn(out.codes, guidance_scale).float(), dim=-1)
-        sampled = _sample_codes(logp, temperature, generator)
         is_masked = out.codes == MASKED
+        logp = torch.log_softmax(_logits(fn, out.codes, guidance_scale, is_masked).float(), dim=-1)
+        sampled = _sample_codes(logp, temperature, generator)
         keep = masked_left - counts[k]
         if keep == 0:
             commit = is_masked
@@ -324,7 +332,7 @@ def emerge_sample(
             unmask = is_masked & (_uniform((B, N), generator, canvas.device) >= stay_prob)
         if not bool(unmask.any()):
             continue
-        logp = torch.log_softmax(fn(out.codes, guidance_scale).float(), dim=-1)
+        logp = torch.log_softmax(_logits(fn, out.codes, guidance_scale, unmask).float(), dim=-1)
         sampled = _sample_codes(logp, temperature, generator)
         _commit(out, unmask, k, sampled, logp)
     return out
