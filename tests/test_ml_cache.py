@@ -160,6 +160,7 @@ def test_sampler_configs_carry_released_defaults():
         GlobalHydra.instance().clear()
         s = instantiate_node(cfg, "sampler")
         assert (s.cache, s.cache_ratio, s.warmup_ratio, s.refresh_interval) == ("ml_cache", 0.9, 0.3, 5)
+        assert s.kv_refresh_share == 0.25  # kv_refresh's default: GenEval within ±0.02 of exact at 2016 images
 
 
 def test_fresh_variant_recomputes_changed_tokens():
@@ -190,18 +191,20 @@ def test_fresh_variant_recomputes_changed_tokens():
                        e.sample(policy, prompt, torch.Generator().manual_seed(2)).codes)
 
 
-def test_rollout_cache_applies_to_rollouts_only(compose):
-    """`algorithm.rollout_cache=ml_cache`: the rollout sampler caches, validation's sampler stays exact; a bad value
-    names the key at start-up."""
+@pytest.mark.parametrize("cache", ["ml_cache", "kv_refresh"])
+def test_rollout_cache_applies_to_rollouts_only(compose, cache):
+    """`algorithm.rollout_cache=ml_cache|kv_refresh`: the rollout sampler caches, validation's sampler stays exact; a
+    bad value names the key at start-up."""
     from htgrpo.config import ConfigError, instantiate_node
     from htgrpo.policies.generators import SamplerSettings
     from test_ht_grpo import TINY_POLICY
 
-    cfg = compose("fit", ["experiment=shapes_ht", *TINY_POLICY, "algorithm.rollout_cache=ml_cache"])
+    cfg = compose("fit", ["experiment=shapes_ht", *TINY_POLICY, f"algorithm.rollout_cache={cache}"])
     sampler = instantiate_node(cfg, "sampler")
     module = instantiate_node(cfg, "algorithm", policy=instantiate_node(cfg, "policy"), benchmark=None,
                               sampler=sampler)
-    assert module.rollout_sampler.cache == "ml_cache" and module.sampler.cache == "none"
+    assert module.rollout_sampler.cache == cache and module.sampler.cache == "none"
+    assert module.rollout_sampler.kv_refresh_share == 0.25
     assert module.rollout_sampler.num_steps == sampler.num_steps  # everything else is the configured sampler
     bad = compose("fit", ["experiment=shapes_ht", *TINY_POLICY, "algorithm.rollout_cache=kv"])
     with pytest.raises(ConfigError, match="rollout_cache"):

@@ -84,7 +84,7 @@ class HTGRPO(GRPOModule):
         credit: ``{kind: binary|soft|uniform, alpha, gamma, normalize}``.
         stages: ``{n_global, n_struct, n_refine, mode: inner|outer, scored_fraction: ρ}``.
         lr, weight_decay, betas, warmup_steps: AdamW and its linear warm-up (in optimiser updates).
-        rollout_cache: ``none`` | ``ml_cache`` | ``ml_cache_fresh`` for the rollouts only (None = the rollout
+        rollout_cache: ``none`` | ``ml_cache`` | ``ml_cache_fresh`` | ``kv_refresh`` for the rollouts only (None = the rollout
             sampler's own ``cache``); validation and the benchmarks keep ``sampler.cache``.
         entropy_coef: c ≥ 0: the loss subtracts c·H(π(·|pass state)) per scored token (entropy over the image codes,
             from the update's own forward); 0 (default) = off.
