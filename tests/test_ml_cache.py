@@ -56,6 +56,18 @@ def _policy(lora_r: int = 0):
     return policy.eval()
 
 
+def assert_same_samples(exact: SamplerSettings, cached: SamplerSettings, policy, prompt) -> None:
+    """Same codes and commit steps from both settings, in one batch and in micro-batched rollouts of 2."""
+    from htgrpo.algorithms.rollout import sample_in_micro_batches
+
+    a = exact.sample(policy, prompt, torch.Generator().manual_seed(1))
+    b = cached.sample(policy, prompt, torch.Generator().manual_seed(1))
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.commit_step, b.commit_step)
+    c = sample_in_micro_batches(cached, policy, prompt, torch.Generator().manual_seed(1), 2)
+    d = sample_in_micro_batches(exact, policy, prompt, torch.Generator().manual_seed(1), 2)
+    assert torch.equal(c.codes, d.codes)
+
+
 @pytest.mark.parametrize("lora_r", [0, 4])
 @pytest.mark.parametrize("guidance", [0.0, 3.0])
 def test_recompute_all_equals_exact(lora_r, guidance):
@@ -123,20 +135,13 @@ def test_cached_step_reuses_all_but_the_chosen_positions():
 def test_sampler_cache_setting_wiring():
     """sampler.cache=ml_cache: with every position recomputed the samples are the exact sampler's (CFG, both
     samplers, micro-batched rollouts); with the defaults it runs and differs; bad knobs fail naming the key."""
-    from htgrpo.algorithms.rollout import sample_in_micro_batches
-
     policy = _policy()
     prompt = policy.encode_prompts(PROMPTS)
     for name in ("maskgit", "emerge"):
         exact = SamplerSettings(name=name, num_steps=6, guidance_scale=2.0)
         every = SamplerSettings(name=name, num_steps=6, guidance_scale=2.0, cache="ml_cache", cache_ratio=1e-9,
                                 warmup_ratio=0.0, refresh_interval=100)
-        a = exact.sample(policy, prompt, torch.Generator().manual_seed(1))
-        b = every.sample(policy, prompt, torch.Generator().manual_seed(1))
-        assert torch.equal(a.codes, b.codes) and torch.equal(a.commit_step, b.commit_step)
-        c = sample_in_micro_batches(every, policy, prompt, torch.Generator().manual_seed(1), 2)
-        d = sample_in_micro_batches(exact, policy, prompt, torch.Generator().manual_seed(1), 2)
-        assert torch.equal(c.codes, d.codes)
+        assert_same_samples(exact, every, policy, prompt)
     cached = SamplerSettings(num_steps=16, guidance_scale=2.0, cache="ml_cache", warmup_ratio=0.0, refresh_interval=8)
     out = cached.sample(policy, prompt, torch.Generator().manual_seed(1))
     assert (out.codes >= 0).all() and out.codes.shape == (3, policy.num_image_tokens)
@@ -247,18 +252,11 @@ def test_samplers_tell_a_kv_refresh_cache_which_positions_they_read():
 def test_kv_refresh_with_a_full_pass_at_every_change_is_exact(name):
     """kv_refresh_share tiny: every call after a commit is a full pass, so the samples are the exact sampler's (CFG,
     micro-batched rollouts included)."""
-    from htgrpo.algorithms.rollout import sample_in_micro_batches
-
     policy = _policy(4)
     prompt = policy.encode_prompts(PROMPTS)
     exact = SamplerSettings(name=name, num_steps=6, guidance_scale=2.0)
     every = SamplerSettings(name=name, num_steps=6, guidance_scale=2.0, cache="kv_refresh", kv_refresh_share=1e-9)
-    a = exact.sample(policy, prompt, torch.Generator().manual_seed(1))
-    b = every.sample(policy, prompt, torch.Generator().manual_seed(1))
-    assert torch.equal(a.codes, b.codes) and torch.equal(a.commit_step, b.commit_step)
-    c = sample_in_micro_batches(every, policy, prompt, torch.Generator().manual_seed(1), 2)
-    d = sample_in_micro_batches(exact, policy, prompt, torch.Generator().manual_seed(1), 2)
-    assert torch.equal(c.codes, d.codes)
+    assert_same_samples(exact, every, policy, prompt)
     with pytest.raises(ConfigError, match="kv_refresh_share"):
         SamplerSettings(cache="kv_refresh", kv_refresh_share=0.0)
 

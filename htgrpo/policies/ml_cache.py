@@ -134,25 +134,30 @@ class MaxLogitCacheLogits:
         step = self.calls
         self.calls += 1
         refresh = step >= len(self.refresh) or self.refresh[step] or self.cache.recompute is None
-        B = codes.shape[0]
-        guided = guidance_scale != 0
-        codes = codes.to(self.policy.device)
-        if guided:
-            p = self.prompt
-            both = type(p)(torch.cat([p.ids, p.ids]), torch.cat([p.mask, torch.zeros_like(p.mask)]))
-            ids, attn = self.policy.sequences(torch.cat([codes, codes]), both)
-        else:
-            ids, attn = self.policy.sequences(codes, self.prompt)
+        ids, attn = self._sequences(codes, guidance_scale)
         logits = self._full(ids, attn) if refresh else self._cached(ids, attn)
         nxt = step + 1
         if nxt < len(self.refresh) and not self.refresh[nxt]:
             self.cache.recompute = positions_to_recompute(logits.amax(-1), attn.bool(), self.compute_ratio)
-        img = self.policy.layout.image_positions_in(ids.shape[1])
+        return self._guided_image_logits(logits, codes.shape[0], guidance_scale)
+
+    def _sequences(self, codes: torch.Tensor, guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, attention mask) of the batch; with CFG the unconditional copies (prompt masked out) follow."""
+        codes = codes.to(self.policy.device)
+        if guidance_scale == 0:
+            return self.policy.sequences(codes, self.prompt)
+        p = self.prompt
+        both = type(p)(torch.cat([p.ids, p.ids]), torch.cat([p.mask, torch.zeros_like(p.mask)]))
+        return self.policy.sequences(torch.cat([codes, codes]), both)
+
+    def _guided_image_logits(self, logits: torch.Tensor, batch: int, guidance_scale: float) -> torch.Tensor:
+        """(B, N, C) float image logits of the sequences' logits, ``(1+s)·cond − s·uncond`` with CFG."""
+        img = self.policy.layout.image_positions_in(logits.shape[1])
         image_logits = logits[:, img] if isinstance(img, slice) else logits.index_select(1, img.to(logits.device))
         image_logits = image_logits.float()
-        if not guided:
+        if guidance_scale == 0:
             return image_logits
-        cond, unc = image_logits[:B], image_logits[B:]
+        cond, unc = image_logits[:batch], image_logits[batch:]
         return (1.0 + guidance_scale) * cond - guidance_scale * unc
 
     # -- passes --------------------------------------------------------------------------------------------------
@@ -306,15 +311,7 @@ class KeyValueRefreshLogits(MaxLogitCacheLogits):
 
     def __call__(self, codes: torch.Tensor, guidance_scale: float, needed: torch.Tensor | None = None) -> torch.Tensor:
         self.calls += 1
-        B = codes.shape[0]
-        guided = guidance_scale != 0
-        codes = codes.to(self.policy.device)
-        if guided:
-            p = self.prompt
-            both = type(p)(torch.cat([p.ids, p.ids]), torch.cat([p.mask, torch.zeros_like(p.mask)]))
-            ids, attn = self.policy.sequences(torch.cat([codes, codes]), both)
-        else:
-            ids, attn = self.policy.sequences(codes, self.prompt)
+        ids, attn = self._sequences(codes, guidance_scale)
         img = self.policy.layout.image_positions_in(ids.shape[1])
         full = needed is None or self.full_ids is None or self.full_ids.shape != ids.shape
         if not full:
@@ -326,13 +323,9 @@ class KeyValueRefreshLogits(MaxLogitCacheLogits):
             self.full_passes += 1
         else:
             need = torch.zeros_like(attn, dtype=torch.bool)
-            need[:, img] = torch.cat([needed, needed]) if guided else needed
-            self.cache.recompute = need.to(ids.device)
+            needed = needed.to(need.device)
+            need[:, img] = torch.cat([needed, needed]) if guidance_scale != 0 else needed
+            self.cache.recompute = need
             logits = self._cached(ids, attn)
-        image_logits = logits[:, img] if isinstance(img, slice) else logits.index_select(1, img.to(logits.device))
-        image_logits = image_logits.float()
-        if not guided:
-            return image_logits
-        cond, unc = image_logits[:B], image_logits[B:]
-        return (1.0 + guidance_scale) * cond - guidance_scale * unc
+        return self._guided_image_logits(logits, codes.shape[0], guidance_scale)
 
