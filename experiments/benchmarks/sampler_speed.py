@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
               "guidance_scale": args.guidance_scale, "repeats": args.repeats, "sampler": args.sampler,
               "mmada_head_body_ratio": mmada_head_body_ratio(), "rows": {}}
     unit = "process CPU seconds" if args.device == "cpu" else "seconds"
-    print(f"{args.sampler} sampler, random weights, batch {args.batch_size}, {args.steps} steps, cfg {args.guidance_scale}, "
+    weights = f"weights of {args.policy}" if args.policy else "random weights"
+    print(f"{args.sampler} sampler, {weights}, batch {args.batch_size}, {args.steps} steps, cfg {args.guidance_scale}, "
           f"{device}, load average {report['load_average']:.1f}, times in {unit}; MMaDA-8B head:body FLOP ratio "
           f"{report['mmada_head_body_ratio']:.4f} (134656-row head vs D 4096 × 32 layers at T 1283)")
     print(f"{'geometry':<10} {'body':>10} {'head rows':>9} {'head:body':>9} {'restricted s':>12} {'full s':>8} "
