@@ -49,6 +49,17 @@ def test_geneval_layout_with_a_shapes_policy(compose, tmp_path):
     assert run(cfg) == {"prompts": 3, "written": 0, "skipped": 3}
 
 
+@needs_geneval
+@pytest.mark.parametrize("cache", ["kv_refresh", "ml_cache"])
+def test_generate_with_a_cached_sampler(compose, tmp_path, cache):
+    """`sampler.cache=...` reaches htgrpo.generate: 12 steps, so cached steps run, and every image is written."""
+    out = tmp_path / cache
+    cfg = compose("generate", [*SHAPES_POLICY, "sampler.num_steps=12", f"sampler.cache={cache}",
+                               f"prompts.path={GENEVAL}", f"out={out}", "limit=2", "images_per_prompt=2"])
+    assert run(cfg) == {"prompts": 2, "written": 2, "skipped": 0}
+    assert sorted(p.name for p in (out / "00001" / "samples").iterdir()) == ["0000.png", "0001.png"]
+
+
 @needs_dpg
 def test_dpg_layout_one_2x2_grid_per_prompt_id(compose, tmp_path):
     out = tmp_path / "dpg"
