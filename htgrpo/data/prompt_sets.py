@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from htgrpo.config import ConfigError, require, require_choice, require_range
-from htgrpo.data.records import GENEVAL_TASKS, BenchmarkPrompt, DPGItem, GenEvalRecord
+from htgrpo.data.records import GENEVAL_TASKS, BenchmarkPrompt, DPGItem, GenEvalRecord, prompt_key
 from htgrpo.data.shapes.palette import ShapesWorldConfig
 
 
@@ -188,7 +188,7 @@ class ShapesPromptStream:
         with_images: also render a scene that satisfies the prompt (supervised warm start).
         task_schedule: ``random`` | ``stratified`` (see above).
         held_out: prompts the stream never yields (compared by
-            :func:`~htgrpo.data.train_val_overlap.prompt_key`): a drawn prompt that is held out is drawn again from
+            :func:`~htgrpo.data.records.prompt_key`): a drawn prompt that is held out is drawn again from
             the same generator, and a task whose every prompt is held out (with three shapes, a validation set holds
             all single_object, two_object and counting prompts there are) is left out of the stream, its weight
             with it. :class:`~htgrpo.data.datamodules.PromptDataModule` passes the validation prompts
@@ -202,7 +202,6 @@ class ShapesPromptStream:
                  dpg_fraction: float = 0.0, with_images: bool = False, task_schedule: str = "random",
                  held_out: Sequence[str] = ()):
         from htgrpo.data.shapes.prompts import geneval_task_prompts
-        from htgrpo.data.train_val_overlap import prompt_key
 
         weights = dict(task_weights) if task_weights is not None else {t: 1.0 for t in GENEVAL_TASKS}
         unknown = [t for t in weights if t not in GENEVAL_TASKS]
@@ -256,7 +255,6 @@ class ShapesPromptStream:
 
     def __getitem__(self, index: int) -> StreamItem:
         from htgrpo.data.shapes.prompts import random_dpg_item, random_geneval_record
-        from htgrpo.data.train_val_overlap import prompt_key
 
         rng = np.random.default_rng([self.seed, int(index)])
         dense = self.dpg_fraction > 0 and (not self.tasks or rng.random() < self.dpg_fraction)

@@ -424,3 +424,9 @@ def record_prompt(record: RecordLike) -> str:
     if not isinstance(prompt, str):
         raise ValueError(f"record {record!r} carries no prompt text")
     return prompt
+
+
+def prompt_key(text: str) -> str:
+    """The form in which two prompts are compared: lower case, surrounding white space removed, every run of white
+    space inside made one space. ``"A photo of  a dog "`` and ``"a photo of a dog"`` are the same prompt."""
+    return " ".join(text.split()).lower()

@@ -19,17 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from htgrpo.config import ConfigError
-from htgrpo.data.records import BenchmarkPrompt
+from htgrpo.data.records import BenchmarkPrompt, prompt_key
 
 log = logging.getLogger(__name__)
 
 __all__ = ["prompt_key", "PromptOverlap", "find_prompt_overlap", "check_train_val_overlap"]
-
-
-def prompt_key(text: str) -> str:
-    """The form in which two prompts are compared: lower case, surrounding white space removed, every run of white
-    space inside made one space. ``"A photo of  a dog "`` and ``"a photo of a dog"`` are the same prompt."""
-    return " ".join(text.split()).lower()
 
 
 @dataclass(frozen=True)
