@@ -272,7 +272,7 @@ def test_kv_refresh_cached_step_computes_only_needed_and_changed_positions(guida
     policy = _policy()
     prompt = policy.encode_prompts(PROMPTS[:2])
     N = policy.num_image_tokens
-    fn = KeyValueRefreshLogits(policy, prompt, 6, refresh_share=0.3)
+    fn = KeyValueRefreshLogits(policy, prompt, refresh_share=0.3)
     rows = 2 * (2 if guidance else 1)
     codes = torch.full((2, N), MASKED)
     needed = torch.zeros(2, N, dtype=torch.bool)

@@ -26,3 +26,15 @@ def test_sampler_speed_prints_rows_caches_and_the_ratio_line(sampler, capsys, tm
     if sampler == "emerge":  # reads only what unmasks: fewer positions than the released cache's 47%-ish
         assert modes["kv_refresh"]["positions_computed_share"] < modes["ml_cache_fresh"]["positions_computed_share"]
     assert (tmp_path / "r.json").exists()
+
+
+def test_cache_positions_counts_each_mode_per_sampler():
+    """cache_positions.py on the shipped warm start, 4 prompts: emerge's kv_refresh computes less than ML-Cache, MaskGIT's
+    more (it reads every masked position), and a larger refresh share never computes more."""
+    positions = load_script("bench_cache_positions", REPO_ROOT / "experiments" / "benchmarks" / "cache_positions.py")
+    out = positions.main(["--limit", "4", "--batch-size", "4"])
+    emerge, maskgit = out[("emerge", 12)], out[("maskgit", 12)]
+    assert all(0 < v <= 1 for shares in out.values() for v in shares.values())
+    assert emerge["kv_refresh@0.25"] < emerge["ml_cache"] < emerge["ml_cache_fresh"]
+    assert maskgit["kv_refresh@0.25"] > maskgit["ml_cache"]
+    assert emerge["kv_refresh@0.5"] <= emerge["kv_refresh@0.25"]

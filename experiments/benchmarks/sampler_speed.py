@@ -133,7 +133,7 @@ def timed_sample(policy, prompt, args, mode: str, cache: MLCacheSettings | None 
     share = 1.0
     if mode in CACHE_MODES:
         if mode == "kv_refresh":
-            fn = KeyValueRefreshLogits(policy, prompt, args.steps, args.kv_refresh_share)
+            fn = KeyValueRefreshLogits(policy, prompt, args.kv_refresh_share)
         else:
             fn = MaxLogitCacheLogits(policy, prompt, args.steps, cache or MLCacheSettings(),
                                      recompute_changed=mode == "ml_cache_fresh")

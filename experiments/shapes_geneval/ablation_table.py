@@ -105,11 +105,11 @@ def _mean(rows: list[RunRow], part: str, key: str) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def _fmt(mean: float, half: float, digits: int = 3, sign: bool = True) -> str:
-    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+def _fmt(mean: float, half: float) -> str:
+    """``+m.mmm [+lo, +hi]`` (signed, 3 digits); the mean alone when the half-width is NaN."""
     if math.isnan(half):
-        return f.format(mean)
-    return f"{f.format(mean)} [{f.format(mean - half)}, {f.format(mean + half)}]"
+        return f"{mean:+.3f}"
+    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
 
 
 def load_rows(rows_dir: Path = ROWS_DIR) -> dict[str, dict[int, RunRow]]:

@@ -140,16 +140,16 @@ def main(argv: list[str] | None = None) -> int:
                      *[o for o in common if o.startswith(("sampler.", "policy."))]], dpg_dir / "evaluate.log")
 
     sys.path.insert(0, str(HERE))
-    from make_table import write_table
-
-    # the ablation runs have their own table (their HT-GRPO seeds must not merge into the main study's row)
-    extra = [] if args.study_name == "ablation" else [args.study_name]
-    studies = [args.log_dir / name for name in dict.fromkeys(["study", "study_mar", *extra])]
-    if args.study_name == "ablation":  # its own table: rows committed under ablation/runs/, paired by seed
+    # the ablation runs have their own table (their HT-GRPO seeds must not merge into the main study's row): rows
+    # committed under ablation/runs/, paired by seed
+    if args.study_name == "ablation":
         from ablation_table import main as ablation_table
 
         ablation_table(["--collect", "--study", str(study)])
         return 0
+    from make_table import write_table
+
+    studies = [args.log_dir / name for name in dict.fromkeys(["study", "study_mar", args.study_name])]
     print(write_table([d for d in studies if d.is_dir()], HERE / "README.md"))
     if any(family(m) == "llada" for m in args.methods):
         from make_table import write_gains

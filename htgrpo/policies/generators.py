@@ -93,8 +93,7 @@ class SamplerSettings:
             require(hasattr(policy, "guided_image_logits") and hasattr(policy, "layout"), "cache",
                     f"ml_cache needs a LLaDA-architecture masked-diffusion policy, got {type(policy).__name__}")
             if self.cache == "kv_refresh":
-                logits_fn = KeyValueRefreshLogits(policy, prompt_tokens, int(self.num_steps),
-                                                  float(self.kv_refresh_share))
+                logits_fn = KeyValueRefreshLogits(policy, prompt_tokens, float(self.kv_refresh_share))
             else:
                 logits_fn = MaxLogitCacheLogits(policy, prompt_tokens, int(self.num_steps), self.ml_cache_settings(),
                                                 recompute_changed=self.cache == "ml_cache_fresh")

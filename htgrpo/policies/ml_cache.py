@@ -106,40 +106,24 @@ class _SequenceCache:
         """(B, T) the token each position's keys/values were computed from."""
 
 
-class MaxLogitCacheLogits:
-    """Guided image logits with ML-Cache: a ``logits_fn(codes (B, N), guidance_scale) -> (B, N, C)`` for
-    :func:`~htgrpo.policies.sampling.maskgit_sample` / :func:`~htgrpo.policies.sampling.emerge_sample`.
+class CachedPassLogits:
+    """What both caches share: per-block key/value and logit caches of one batch of sequences, the full pass that
+    fills them, and the partial pass that runs only chosen positions (``cache.recompute``) against them. A subclass's
+    ``__call__`` decides, per sampler step, which of the two runs and what is chosen.
 
-    One object per sampling call (it counts forward passes to follow the refresh schedule of ``num_steps``).
     ``policy``: a :class:`~htgrpo.policies.masked_diffusion.MaskedDiffusionPolicy` (LoRA adapters included);
-    ``prompt``: its :class:`PromptTokens`. ``recompute_changed``: also recompute every position whose token changed
-    since its keys/values were computed (``sampler.cache=ml_cache_fresh``).
+    ``prompt``: its :class:`PromptTokens`. ``recompute_changed``: a partial pass also runs every position whose token
+    changed since its keys/values were computed. One object per sampling call.
     """
 
-    def __init__(self, policy: Any, prompt: Any, num_steps: int, settings: MLCacheSettings,
-                 recompute_changed: bool = False) -> None:
+    def __init__(self, policy: Any, prompt: Any, recompute_changed: bool = False) -> None:
         self.policy = policy
-        self.recompute_changed = bool(recompute_changed)
         self.prompt = prompt
-        self.settings = settings
-        self.refresh = refresh_steps(int(num_steps), float(settings.warmup_ratio), int(settings.refresh_interval))
-        self.compute_ratio = 1.0 - float(settings.cache_ratio)
+        self.recompute_changed = bool(recompute_changed)
         self.calls = 0
         self.cache = _SequenceCache()
         self.positions_computed = 0
         """Sequence positions run through the blocks so far (the cost measure; a full step adds B·T)."""
-
-    # -- the logits_fn -------------------------------------------------------------------------------------------
-    def __call__(self, codes: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        step = self.calls
-        self.calls += 1
-        refresh = step >= len(self.refresh) or self.refresh[step] or self.cache.recompute is None
-        ids, attn = self._sequences(codes, guidance_scale)
-        logits = self._full(ids, attn) if refresh else self._cached(ids, attn)
-        nxt = step + 1
-        if nxt < len(self.refresh) and not self.refresh[nxt]:
-            self.cache.recompute = positions_to_recompute(logits.amax(-1), attn.bool(), self.compute_ratio)
-        return self._guided_image_logits(logits, codes.shape[0], guidance_scale)
 
     def _sequences(self, codes: torch.Tensor, guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, attention mask) of the batch; with CFG the unconditional copies (prompt masked out) follow."""
@@ -234,6 +218,34 @@ class MaxLogitCacheLogits:
         return self.cache.logits
 
 
+class MaxLogitCacheLogits(CachedPassLogits):
+    """Guided image logits with ML-Cache: a ``logits_fn(codes (B, N), guidance_scale) -> (B, N, C)`` for
+    :func:`~htgrpo.policies.sampling.maskgit_sample` / :func:`~htgrpo.policies.sampling.emerge_sample`.
+
+    One object per sampling call (it counts forward passes to follow the refresh schedule of ``num_steps``).
+    ``recompute_changed``: also recompute every position whose token changed since its keys/values were computed
+    (``sampler.cache=ml_cache_fresh``).
+    """
+
+    def __init__(self, policy: Any, prompt: Any, num_steps: int, settings: MLCacheSettings,
+                 recompute_changed: bool = False) -> None:
+        super().__init__(policy, prompt, recompute_changed)
+        self.settings = settings
+        self.refresh = refresh_steps(int(num_steps), float(settings.warmup_ratio), int(settings.refresh_interval))
+        self.compute_ratio = 1.0 - float(settings.cache_ratio)
+
+    def __call__(self, codes: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        step = self.calls
+        self.calls += 1
+        refresh = step >= len(self.refresh) or self.refresh[step] or self.cache.recompute is None
+        ids, attn = self._sequences(codes, guidance_scale)
+        logits = self._full(ids, attn) if refresh else self._cached(ids, attn)
+        nxt = step + 1
+        if nxt < len(self.refresh) and not self.refresh[nxt]:
+            self.cache.recompute = positions_to_recompute(logits.amax(-1), attn.bool(), self.compute_ratio)
+        return self._guided_image_logits(logits, codes.shape[0], guidance_scale)
+
+
 def _llada(backbone: Any) -> Any:
     """The ``LLaDAModelLM`` under a peft wrapper (LoRA), or ``backbone`` itself."""
     return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
@@ -275,7 +287,7 @@ def _scatter_rows(cache: torch.Tensor, new: torch.Tensor, order: torch.Tensor, w
     return cache.scatter(2, idx, torch.where(write[:, None, :, None], new.to(cache.dtype), old))
 
 
-class KeyValueRefreshLogits(MaxLogitCacheLogits):
+class KeyValueRefreshLogits(CachedPassLogits):
     """Guided image logits with a key/value cache that recomputes only what the sampler reads
     (``sampler.cache=kv_refresh``; dKV-Cache / dLLM-Cache's idea for bidirectional image generation, facts only).
 
@@ -301,9 +313,9 @@ class KeyValueRefreshLogits(MaxLogitCacheLogits):
     takes_needed = True
     """The samplers pass ``needed`` (B, N) to a logits_fn with this attribute."""
 
-    def __init__(self, policy: Any, prompt: Any, num_steps: int, refresh_share: float = 0.25) -> None:
+    def __init__(self, policy: Any, prompt: Any, refresh_share: float = 0.25) -> None:
         require(0 < float(refresh_share) <= 1, "kv_refresh_share", f"must be in (0, 1], got {refresh_share}")
-        super().__init__(policy, prompt, num_steps, MLCacheSettings(), recompute_changed=True)
+        super().__init__(policy, prompt, recompute_changed=True)
         self.refresh_share = float(refresh_share)
         self.full_ids: torch.Tensor | None = None
         """(B, T) the tokens of the last full pass (what "changed since the last full pass" compares with)."""
@@ -313,7 +325,7 @@ class KeyValueRefreshLogits(MaxLogitCacheLogits):
         self.calls += 1
         ids, attn = self._sequences(codes, guidance_scale)
         img = self.policy.layout.image_positions_in(ids.shape[1])
-        full = needed is None or self.full_ids is None or self.full_ids.shape != ids.shape
+        full = needed is None or self.full_ids is None
         if not full:
             changed = (ids != self.full_ids)[:, img]
             full = float(changed.float().mean()) >= self.refresh_share

@@ -103,58 +103,62 @@ def _distinct(rng: np.random.Generator, pool: Sequence[str], k: int) -> list[str
     return [pool[int(i)] for i in idx]
 
 
-def random_geneval_record(rng: np.random.Generator, world: ShapesWorldConfig, tag: str) -> GenEvalRecord:
-    """One random GenEval-style record of task ``tag`` over ``world.shapes`` (see module docstring).
+def geneval_record(tag: str, a: str, b: str | None = None, *, n: int = 1, c1: str | None = None,
+                   c2: str | None = None, rel: str | None = None) -> GenEvalRecord:
+    """The GenEval-style record of task ``tag`` for given choices (shapes ``a``/``b``, count ``n``, colours
+    ``c1``/``c2``, relation ``rel``): the one place the six tasks' phrasing and metadata are written.
 
-    * single_object: ``a photo of a {shape}``; include ``[{shape, 1}]``.
-    * two_object: ``a photo of a {A} and a {B}`` (A != B); include ``[{A, 1}, {B, 1}]``.
-    * counting: ``a photo of {two|three|four} {shape}s``; include ``[{shape, N}]``, exclude ``[{shape, N+1}]``.
-    * colors: ``a photo of a {color} {shape}``; include ``[{shape, 1, color}]``.
-    * position: ``a photo of a {A} {rel} a {B}``; include ``[{B, 1}, {A, 1, position: [rel, 0]}]``.
-    * color_attr: ``a photo of a {c1} {A} and a {c2} {B}`` (A != B, c1 != c2); include
-      ``[{A, 1, c1}, {B, 1, c2}]``.
+    * single_object: ``a photo of a {a}``; include ``[{a, 1}]``.
+    * two_object: ``a photo of a {a} and a {b}``; include ``[{a, 1}, {b, 1}]``.
+    * counting: ``a photo of {two|three|four} {a}s``; include ``[{a, n}]``, exclude ``[{a, n+1}]``.
+    * colors: ``a photo of a {c1} {a}``; include ``[{a, 1, c1}]``.
+    * position: ``a photo of a {a} {rel} a {b}``; include ``[{b, 1}, {a, 1, position: [rel, 0]}]``.
+    * color_attr: ``a photo of a {c1} {a} and a {c2} {b}``; include ``[{a, 1, c1}, {b, 1, c2}]``.
     """
+    R = GenEvalRequirement
+    if tag == "single_object":
+        return GenEvalRecord(tag, f"a photo of {with_article(a)}", (R(a, 1),))
+    if tag == "two_object":
+        return GenEvalRecord(tag, f"a photo of {with_article(a)} and {with_article(b)}", (R(a, 1), R(b, 1)))
+    if tag == "counting":
+        return GenEvalRecord(tag, f"a photo of {NUMBER_WORDS[n]} {plural(a)}", (R(a, n),), (R(a, n + 1),))
+    if tag == "colors":
+        return GenEvalRecord(tag, f"a photo of {with_article(f'{c1} {a}')}", (R(a, 1, color=c1),))
+    if tag == "position":
+        return GenEvalRecord(tag, f"a photo of {with_article(a)} {rel} {with_article(b)}",
+                             (R(b, 1), R(a, 1, position=(rel, 0))))
+    if tag == "color_attr":
+        return GenEvalRecord(tag, f"a photo of {with_article(f'{c1} {a}')} and {with_article(f'{c2} {b}')}",
+                             (R(a, 1, color=c1), R(b, 1, color=c2)))
+    raise MetadataError(f"unknown GenEval task tag {tag!r}; expected one of {GENEVAL_TASKS}")
+
+
+def random_geneval_record(rng: np.random.Generator, world: ShapesWorldConfig, tag: str) -> GenEvalRecord:
+    """One random GenEval-style record of task ``tag`` over ``world.shapes`` (:func:`geneval_record`): shapes
+    ``a != b``, colours ``c1 != c2``, counts 2..4, one of the four relations."""
     shapes = list(world.shapes)
     colors = list(GENEVAL_COLORS)
     if tag == "single_object":
         (a,) = _distinct(rng, shapes, 1)
-        return GenEvalRecord(tag, f"a photo of {with_article(a)}", (GenEvalRequirement(a, 1),))
+        return geneval_record(tag, a)
     if tag == "two_object":
         a, b = _distinct(rng, shapes, 2)
-        return GenEvalRecord(
-            tag,
-            f"a photo of {with_article(a)} and {with_article(b)}",
-            (GenEvalRequirement(a, 1), GenEvalRequirement(b, 1)),
-        )
+        return geneval_record(tag, a, b)
     if tag == "counting":
         (a,) = _distinct(rng, shapes, 1)
-        n = int(rng.integers(2, GENEVAL_MAX_COUNT + 1))
-        return GenEvalRecord(
-            tag,
-            f"a photo of {NUMBER_WORDS[n]} {plural(a)}",
-            (GenEvalRequirement(a, n),),
-            (GenEvalRequirement(a, n + 1),),
-        )
+        return geneval_record(tag, a, n=int(rng.integers(2, GENEVAL_MAX_COUNT + 1)))
     if tag == "colors":
         (a,) = _distinct(rng, shapes, 1)
         (c,) = _distinct(rng, colors, 1)
-        return GenEvalRecord(tag, f"a photo of {with_article(f'{c} {a}')}", (GenEvalRequirement(a, 1, color=c),))
+        return geneval_record(tag, a, c1=c)
     if tag == "position":
         a, b = _distinct(rng, shapes, 2)
         (rel,) = _distinct(rng, list(GENEVAL_RELATIONS), 1)
-        return GenEvalRecord(
-            tag,
-            f"a photo of {with_article(a)} {rel} {with_article(b)}",
-            (GenEvalRequirement(b, 1), GenEvalRequirement(a, 1, position=(rel, 0))),
-        )
+        return geneval_record(tag, a, b, rel=rel)
     if tag == "color_attr":
         a, b = _distinct(rng, shapes, 2)
         c1, c2 = _distinct(rng, colors, 2)
-        return GenEvalRecord(
-            tag,
-            f"a photo of {with_article(f'{c1} {a}')} and {with_article(f'{c2} {b}')}",
-            (GenEvalRequirement(a, 1, color=c1), GenEvalRequirement(b, 1, color=c2)),
-        )
+        return geneval_record(tag, a, b, c1=c1, c2=c2)
     raise MetadataError(f"unknown GenEval task tag {tag!r}; expected one of {GENEVAL_TASKS}")
 
 
@@ -166,20 +170,18 @@ def geneval_task_prompts(world: ShapesWorldConfig, tag: str) -> list[str]:
     """
     shapes = list(world.shapes)
     pairs = [(a, b) for a in shapes for b in shapes if a != b]
-    if tag == "single_object":
-        return [f"a photo of {with_article(a)}" for a in shapes]
-    if tag == "two_object":
-        return [f"a photo of {with_article(a)} and {with_article(b)}" for a, b in pairs]
-    if tag == "counting":
-        return [f"a photo of {NUMBER_WORDS[n]} {plural(a)}" for a in shapes for n in range(2, GENEVAL_MAX_COUNT + 1)]
-    if tag == "colors":
-        return [f"a photo of {with_article(f'{c} {a}')}" for a in shapes for c in GENEVAL_COLORS]
-    if tag == "position":
-        return [f"a photo of {with_article(a)} {rel} {with_article(b)}" for a, b in pairs for rel in GENEVAL_RELATIONS]
-    if tag == "color_attr":
-        return [f"a photo of {with_article(f'{c1} {a}')} and {with_article(f'{c2} {b}')}"
-                for a, b in pairs for c1 in GENEVAL_COLORS for c2 in GENEVAL_COLORS if c1 != c2]
-    raise MetadataError(f"unknown GenEval task tag {tag!r}; expected one of {GENEVAL_TASKS}")
+    choices: dict[str, list[tuple[tuple, dict]]] = {
+        "single_object": [((a,), {}) for a in shapes],
+        "two_object": [((a, b), {}) for a, b in pairs],
+        "counting": [((a,), {"n": n}) for a in shapes for n in range(2, GENEVAL_MAX_COUNT + 1)],
+        "colors": [((a,), {"c1": c}) for a in shapes for c in GENEVAL_COLORS],
+        "position": [((a, b), {"rel": r}) for a, b in pairs for r in GENEVAL_RELATIONS],
+        "color_attr": [((a, b), {"c1": c1, "c2": c2}) for a, b in pairs for c1 in GENEVAL_COLORS
+                       for c2 in GENEVAL_COLORS if c1 != c2],
+    }
+    if tag not in choices:
+        raise MetadataError(f"unknown GenEval task tag {tag!r}; expected one of {GENEVAL_TASKS}")
+    return [geneval_record(tag, *args, **kwargs).prompt for args, kwargs in choices[tag]]
 
 
 def geneval_prompt_set(
@@ -206,10 +208,7 @@ def geneval_prompt_set(
         if tag not in wanted:
             continue
         if tag == "single_object":
-            recs = [
-                GenEvalRecord(tag, f"a photo of {with_article(s)}", (GenEvalRequirement(s, 1),))
-                for s in world.shapes
-            ][:per_task]
+            recs = [geneval_record(tag, s) for s in world.shapes][:per_task]
         else:
             rng = np.random.default_rng([int(seed), ti])
             recs = [random_geneval_record(rng, world, tag) for _ in range(per_task)]
