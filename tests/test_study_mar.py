@@ -91,32 +91,62 @@ def test_stability_figures_by_hand():
     assert math.isnan(stability.step_jitter([1.0, 2.0])) and math.isnan(stability.across_seed_spread([[1.0]]))
 
 
-def test_stability_table_reads_tensorboard_curves_and_summaries(tmp_path):
+def _validations(run, before, after):
+    """Per-image validation rows as fit writes them: one prompt per entry, one image each, all single_object."""
+    for name, oks in (("val_start", before), ("val_end", after)):
+        rows = [{"key": f"p{i}", "image_index": 0, "tag": "single_object", "correct": bool(ok)}
+                for i, ok in enumerate(oks)]
+        (run / f"{name}_images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text(f"seed: {int(run.name[4:])}\nalgorithm:\n  beta: 0.01\n")
+
+
+def test_spread_ratio_and_rms_by_hand():
+    ratio, lo, hi = stability.std_ratio_interval(2.0, 1.0, 1, 1)
+    assert ratio == pytest.approx(2.0)
+    assert lo == pytest.approx(2.0 / math.sqrt(647.79), rel=1e-3) and hi == pytest.approx(2.0 * math.sqrt(647.79), rel=1e-3)
+    assert stability.rms_spread([[0.0, 1.0], [2.0, 1.0]]) == pytest.approx(1.0)
+
+
+def test_stability_rows_from_runs_then_tables(tmp_path):
     study = tmp_path / "study_mar"
-    _run(study, "MAR-GRPO", 0, 0.40, 0.50, rewards=[0.1, 0.3, 0.2])
-    _run(study, "MAR-GRPO", 1, 0.40, 0.60, rewards=[0.3, 0.3, 0.4])
-    _run(study, "MAR-GRPO_plain", 0, 0.40, 0.30, rewards=[0.0, 0.5, 0.0])
-    for seed, (before, after) in enumerate([([1, 0], [1, 1]), ([0, 0], [1, 0])]):  # per-image validations
-        run = study / "MAR-GRPO" / f"seed{seed}"
-        for name, oks in (("val_start", before), ("val_end", after)):
-            rows = [{"key": f"p{i}", "image_index": 0, "tag": "single_object", "correct": bool(ok)}
-                    for i, ok in enumerate(oks)]
-            (run / f"{name}_images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    s = stability.method_stability(study, "MAR-GRPO")
-    # gain per seed: 1.0 - 0.5 and 0.5 - 0 -> mean 0.5; every resample keeps or loses both prompts together
-    assert s["gain_ci"][0] == pytest.approx(0.5) and 0.0 <= s["gain_ci"][1] <= 0.5 <= s["gain_ci"][2] <= 1.0
-    assert s["seeds"] == 2 and s["steps"] == 3
+    # (method, seed, overall before/after in the summary, rollout rewards, per-image verdicts before/after)
+    runs = [("MAR-GRPO", 0, 0.5, 1.0, [0.1, 0.3, 0.2], [1, 0], [1, 1]),
+            ("MAR-GRPO", 1, 0.0, 0.5, [0.3, 0.3, 0.4], [0, 0], [1, 0]),
+            ("MAR-GRPO_plain", 0, 0.5, 0.5, [0.0, 0.5, 0.0], [1, 0], [1, 0]),
+            ("MAR-GRPO_plain", 1, 0.0, 0.0, [0.2, 0.2, 0.3], [0, 0], [0, 0])]
+    for method, seed, start, end, rewards, before, after in runs:
+        run = _run(study, method, seed, start, end, rewards=rewards)
+        summary = json.loads((run / "summary.json").read_text())
+        summary["val_end"]["diversity/stray_share"] = 0.1 if method == "MAR-GRPO" else 0.2 + 0.1 * seed
+        (run / "summary.json").write_text(json.dumps(summary))
+        _validations(run, before, after)
+    (study / "MAR_base" / "seed0" / "dpg").mkdir(parents=True)  # the warm start's DPG folder is not a run
+    rows = tmp_path / "rows"
+    assert len(stability.collect(study, rows)) == 4
+    assert sorted(p.name for p in rows.iterdir())[0] == "MAR-GRPO_plain_s0.json"
+    by_method = stability.load_runs(rows)
+    assert by_method["MAR-GRPO"][0].reward_curve == pytest.approx([0.1, 0.3, 0.2])  # read back from TensorBoard
+    s = stability.method_stability(by_method["MAR-GRPO"], resamples=200)
+    # gain per seed: 1.0 - 0.5 and 0.5 - 0 -> mean 0.5, sd 0 -> t half-width 0
+    assert s["delta"] == pytest.approx((0.5, 0.0)) and s["seeds"] == 2 and s["steps"] == 3
+    assert 0.0 <= s["gain_bootstrap"][1] <= 0.5 <= s["gain_bootstrap"][2] <= 1.0
     # per-step std over the 2 seeds: |a - b| / sqrt(2) -> (0.2, 0, 0.2) / sqrt(2), mean 0.0943
     assert s["curve_spread"] == pytest.approx((0.2 + 0.0 + 0.2) / math.sqrt(2) / 3)
-    assert s["final_std"] == pytest.approx(0.1 / math.sqrt(2)) and s["final_range"] == pytest.approx(0.1)
-    assert s["delta_mean"] == pytest.approx(0.15)
+    assert s["final_std"] == pytest.approx(0.5 / math.sqrt(2)) and s["final_range"] == pytest.approx(0.5)
     readme = tmp_path / "README.md"
     readme.write_text(f"a\n{stability.START}\nold\n{stability.END}\nb\n")
-    table = stability.write_table(study, ["MAR-GRPO", "MAR-GRPO plain"], readme)
-    lines = [line for line in table.splitlines() if line.startswith("| MAR")]
-    assert [line.split(" | ")[0] for line in lines] == ["| MAR-GRPO", "| MAR-GRPO plain"]
-    assert "| 1 | 3 |" in lines[1] and lines[1].count("–") >= 3  # one seed: no spreads across seeds
+    text = stability.write_table(by_method, list(stability.METHODS), readme, resamples=200)
     assert readme.read_text().startswith("a\n") and "old" not in readme.read_text()
+    lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    # gains: MAR-GRPO 0.5, 0.5; plain 0, 0 -> paired differences 0.5, 0.5: resolved
+    assert "+0.500 [+0.500, +0.500] | yes" in lines["GenEval Δ overall (prompts fixed)"]
+    # mean rewards 0.2, 0.333 against 0.167, 0.233 -> differences 0.033, 0.1 -> mean 0.0667
+    assert "| 0.267 | 0.200 | +0.067 [" in lines["mean rollout reward"]
+    # stray_share 0.1, 0.1 against 0.2, 0.3 -> differences -0.1, -0.2: mean -0.15, half 12.706 * 0.0707 / 1.414
+    assert "-0.150 [-0.785, +0.485] | no" in lines["stray_share after training"]
+    # final overall sd: MAR-GRPO 0.354, plain 0.354 -> ratio 1
+    assert "| 0.354 | 0.354 | ×1.00 [" in lines["final-overall spread across seeds (sd)"]
 
 
 def test_cosine_mask_rate_by_hand():

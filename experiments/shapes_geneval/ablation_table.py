@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 from collapse import COLOR_DIVERGENCE, COLORS, PER_PROMPT, STRAY, RunRow, collect_run, load_row  # noqa: E402
-from gain import overall, paired_difference  # noqa: E402
+from gain import overall, paired_difference, t_interval, t_quantile  # noqa: E402
 from make_table import ABLATION_END, ABLATION_START, _replace_between  # noqa: E402
 from run_study import ABLATIONS  # noqa: E402
 
@@ -67,21 +67,6 @@ def collect(study: Path, rows_dir: Path = ROWS_DIR) -> list[Path]:
         path.write_text(json.dumps(row, indent=1) + "\n")
         written.append(path)
     return written
-
-
-def t_quantile(n: int) -> float:
-    """t(0.975, n − 1)."""
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, n - 1))
-
-
-def t_interval(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95% Student-t interval); half-width NaN below 2 values."""
-    mean = float(np.mean(values))
-    if len(values) < 2:
-        return mean, math.nan
-    return mean, t_quantile(len(values)) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
 
 
 def seeds_needed(sd: float, half_width: float = HALF_WIDTH_TARGET, cap: int = 500) -> int | None:

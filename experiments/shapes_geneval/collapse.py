@@ -37,7 +37,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from gain import bootstrap_gain, load_run, overall, paired_difference  # noqa: E402
+from gain import bootstrap_gain, load_run, overall, paired_difference, t_interval  # noqa: E402
 
 DEFAULT_BETA = 0.01  # conf/experiment/shapes_ht.yaml's `beta` (unchanged by the bonus)
 GAIN_TARGET = 0.10  # issue 19: GenEval gain of at least +0.10 ...
@@ -156,12 +156,9 @@ def seed_interval(values: list[float], digits: int) -> str:
     freedom); the mean alone for one value, ``–`` for none."""
     if not values:
         return "–"
-    mean = float(np.mean(values))
-    if len(values) < 2:
+    mean, half = t_interval(values)
+    if math.isnan(half):
         return f"{mean:.{digits}f}"
-    from scipy import stats
-
-    half = float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
     return f"{mean:.{digits}f} [{mean - half:.{digits}f}, {mean + half:.{digits}f}]"
 
 

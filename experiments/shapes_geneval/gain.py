@@ -87,6 +87,22 @@ def load_run(run_dir: Path, keys_by_task: dict[str, list[str]] | None = None
     return per_prompt(start, keys_by_task), per_prompt(end, keys_by_task), keys_by_task
 
 
+def t_quantile(n: int) -> float:
+    """t(0.975, n − 1): the two-sided 95% Student-t quantile for n values."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, n - 1))
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% Student-t interval over the values); the half-width is NaN below 2 values. E.g.
+    [0, 0.25, 0] → mean 0.0833, sd 0.1443, half 4.303 · 0.1443 / √3 = 0.3586."""
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, t_quantile(len(values)) * float(np.std(values, ddof=1)) / float(np.sqrt(len(values)))
+
+
 def paired_difference(a: tuple[list[dict], list[dict]], b: tuple[list[dict], list[dict]],
                       keys_by_task: dict[str, list[str]], resamples: int, seed: int = 0
                       ) -> tuple[float, float, float, float]:

@@ -156,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(write_gains(args.log_dir / "study", HERE / "README.md"))  # gains, intervals, tests against HT-GRPO
     if any(family(m) == "mar" for m in args.methods):
-        from stability import write_table as write_stability
+        from stability import main as stability_table
 
-        print(write_stability(study, list(MAR_METHODS), HERE / "README.md"))  # all MAR rows, not only this call's
+        stability_table(["--collect", "--study", str(study)])  # rows committed under study_mar/runs/, all MAR rows
     return 0
 
 

@@ -1,25 +1,34 @@
-"""Training stability of study methods across seeds: spread of the rollout-reward curve and of the final score.
+"""Training stability of MAR-GRPO against plain GRPO on the toy MAR, across seeds, paired by seed (issue 21, item 5).
 
-    python experiments/shapes_geneval/stability.py [--study LOG_DIR/study_mar] [--methods "MAR-GRPO" "MAR-GRPO plain"]
-                                                   [--readme experiments/shapes_geneval/README.md]
+Two steps, like ``ablation_table.py``; neither trains nor samples:
 
-Reads, for every ``<study>/<method>/seed<k>/`` run, the per-step mean rollout reward (``train/reward/mean`` in the
-run's TensorBoard events) and ``summary.json`` (GenEval overall before and after), and reports per method (n seeds,
-T rollout steps, r[s, t] the reward of seed s at step t):
+1. ``--collect`` reads the finished runs of ``run_study.py --study-name study_mar`` (``LOG_DIR/study_mar/<method>/
+   seed<k>/``) and writes one small JSON row per run to ``study_mar/runs/<method>_s<seed>.json``: ``collapse.py``'s row
+   (summary, config, per-prompt shares of correct validation images before and after) plus ``reward_curve``, the
+   per-step mean rollout reward (``train/reward/mean`` in the run's TensorBoard events). These rows are committed;
+   the tables are made from them alone.
+2. The tables. Per method (n seeds, T rollout steps, r[s, t] the reward of seed s at step t):
 
-* **across-seed spread of the reward curve**: mean over t of the sample std over seeds of r[s, t] (how far the
-  seeds' curves lie apart at the same step);
-* **step-to-step jitter**: mean over seeds of std_t(r[s, t+1] − r[s, t]) / √2 (for white noise this is the noise
-  std; a smooth curve gives a small value);
-* **reward drift**: mean over seeds of (mean of the last third − mean of the first third) of r[s, ·];
-* **final-score spread**: sample std over seeds of the final GenEval overall and of its change from the base,
-  and the range (max − min) of the final overall;
-* **gain interval**: the mean gain over seeds with its 95% task-stratified paired bootstrap interval over the
-  validation prompts (``gain.py``'s ``bootstrap_gain`` on the runs' ``val_start_images.jsonl`` /
-  ``val_end_images.jsonl``), so "improves on the warm start" is read against validation noise.
+   * **across-seed spread of the reward curve**: mean over t of the sample std over seeds of r[s, t];
+   * **step-to-step jitter**: mean over seeds of std_t(r[s, t+1] − r[s, t]) / √2 (for white noise the noise std);
+   * **reward drift**: mean over seeds of (mean of the last third − mean of the first third) of r[s, ·];
+   * **final-score spread**: sample std over seeds of the final GenEval overall and of its change, and the range;
+   * **gain**: the mean change over the warm start with its 95% t-interval over seeds (prompts fixed) and
+     ``gain.py``'s bootstrap interval (seeds and, within each task, validation prompts resampled).
 
-The table replaces the text between ``<!-- stability-table:start -->`` and ``<!-- stability-table:end -->`` of the
+   Then **MAR-GRPO − plain, paired by seed** (both start from the same warm start, and the same seed gives both the
+   same prompts and the same validation noise before training): for every per-seed figure (gain, mean reward,
+   jitter, drift, and the fidelity figures after training: ``diversity/stray_share``, ``objects_ratio``,
+   ``color_divergence``, ``per_prompt``) the mean difference with its 95% paired t-interval; for the two spreads
+   across seeds (final overall, reward curve) the ratio of the stds with its 95% F interval (for the curve, the
+   root-mean-square over steps of the per-step std, with n − 1 degrees of freedom: conservative, since the steps are
+   not independent). A figure is *resolved* when its interval excludes 0 (a ratio: 1).
+
+The tables replace the text between ``<!-- stability-table:start -->`` and ``<!-- stability-table:end -->`` of the
 README (skipped when the markers are absent).
+
+    python experiments/shapes_geneval/stability.py --collect    # rows from LOG_DIR/study_mar, then the tables
+    python experiments/shapes_geneval/stability.py              # the tables from the committed rows
 """
 
 from __future__ import annotations
@@ -30,12 +39,23 @@ import math
 import os
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from collapse import COLOR_DIVERGENCE, PER_PROMPT, STRAY, RunRow, collect_run, load_row  # noqa: E402
+from gain import bootstrap_gain, overall, paired_difference, t_interval  # noqa: E402
+
 START, END = "<!-- stability-table:start -->", "<!-- stability-table:end -->"
 REWARD_TAG = "train/reward/mean"
+ROWS_DIR = HERE / "study_mar" / "runs"
+METHODS = ("MAR-GRPO", "MAR-GRPO plain")  # run_study.MAR_METHODS; the first is compared with the second
+OBJECTS_RATIO = "diversity/objects_ratio"
+FIDELITY = (STRAY, OBJECTS_RATIO, COLOR_DIVERGENCE, PER_PROMPT)  # after training, per seed
 
 
 def read_reward_curve(run_dir: Path, tag: str = REWARD_TAG) -> list[float]:
@@ -80,29 +100,91 @@ def drift(curve: list[float]) -> float:
     return statistics.mean(curve[2 * k:]) - statistics.mean(curve[:k])
 
 
-def gain_interval(run_dirs: list[Path], resamples: int = 2000) -> tuple[float, float, float] | None:
-    """(mean gain, 2.5%, 97.5%) over the runs' paired per-image validations (None without them)."""
-    sys.path.insert(0, str(HERE))
-    from gain import bootstrap_gain, per_prompt, read_rows
+@dataclass
+class MarRun:
+    """One committed run row: the validations before/after (``collapse.RunRow``) and the rollout-reward curve."""
 
-    starts, ends, keys_by_task = [], [], None
-    for run_dir in run_dirs:
-        start_file, end_file = run_dir / "val_start_images.jsonl", run_dir / "val_end_images.jsonl"
-        if not (start_file.exists() and end_file.exists()):
+    row: RunRow
+    reward_curve: list[float]
+
+    @property
+    def gain(self) -> float:
+        ones = {t: np.ones(len(k)) for t, k in self.row.keys_by_task.items()}
+        return overall(self.row.end_shares, ones) - overall(self.row.start_shares, ones)
+
+
+def row_file_name(method: str, seed: int) -> str:
+    return f"{method.replace(' ', '_')}_s{seed}.json"
+
+
+def collect(study: Path, rows_dir: Path = ROWS_DIR) -> list[Path]:
+    """Write a row file for every finished run under ``study`` (``<method>/seed<k>/summary.json``; ``MAR_base``, the
+    DPG scores of the warm start, is not a run)."""
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for run_dir in sorted(study.glob("*/seed*")):
+        if run_dir.parent.name == "MAR_base" or not (run_dir / "summary.json").exists():
             continue
-        start, end = read_rows(start_file), read_rows(end_file)
-        if set(start) != set(end):
-            continue
-        if keys_by_task is None:
-            by_task: dict[str, set[str]] = {}
-            for (key, _), (tag, _) in start.items():
-                by_task.setdefault(tag, set()).add(key)
-            keys_by_task = {t: sorted(k) for t, k in sorted(by_task.items())}
-        starts.append(per_prompt(start, keys_by_task))
-        ends.append(per_prompt(end, keys_by_task))
-    if not starts:
-        return None
-    return bootstrap_gain(starts, ends, keys_by_task, resamples)
+        method = run_dir.parent.name.replace("_", " ")
+        row = collect_run(run_dir, setting=method)
+        row["reward_curve"] = read_reward_curve(run_dir)
+        path = rows_dir / row_file_name(method, int(row["seed"]))
+        path.write_text(json.dumps(row, indent=1) + "\n")
+        written.append(path)
+    return written
+
+
+def load_runs(rows_dir: Path = ROWS_DIR) -> dict[str, dict[int, MarRun]]:
+    """method -> seed -> run, from the committed row files."""
+    by_method: dict[str, dict[int, MarRun]] = {}
+    for path in sorted(rows_dir.glob("*.json")):
+        row = load_row(path)
+        curve = [float(v) for v in json.loads(path.read_text()).get("reward_curve", [])]
+        by_method.setdefault(row.setting, {})[row.seed] = MarRun(row, curve)
+    return by_method
+
+
+def std_ratio_interval(sd_a: float, sd_b: float, df_a: int, df_b: int) -> tuple[float, float, float]:
+    """sd_a / sd_b with the 95% interval of the F test for the ratio of two normal variances (degrees of freedom
+    df_a, df_b): [√(R / F(0.975; df_a, df_b)), √(R / F(0.025; df_a, df_b))], R = (sd_a / sd_b)². E.g. sd 2 and 1
+    on 1 and 1 degrees of freedom: ratio 2, interval [2 / √647.8, 2 · √647.8] = [0.079, 50.9]."""
+    from scipy import stats
+
+    r = (sd_a / sd_b) ** 2
+    return (math.sqrt(r), math.sqrt(r / float(stats.f.ppf(0.975, df_a, df_b))),
+            math.sqrt(r / float(stats.f.ppf(0.025, df_a, df_b))))
+
+
+def rms_spread(curves: list[list[float]]) -> float:
+    """√(mean_t var_s r[s, t]) over the steps every curve reached (sample variance; needs >= 2 curves). E.g. curves
+    [0, 1] and [2, 1] → variances [2, 0] → 1.0."""
+    steps = min(len(c) for c in curves)
+    return math.sqrt(float(np.mean(np.var(np.array([c[:steps] for c in curves]), axis=0, ddof=1))))
+
+
+def method_stability(runs: dict[int, MarRun], resamples: int = 2000) -> dict:
+    """The stability figures of one method's runs (module docstring)."""
+    seeds = sorted(runs)
+    curves = [runs[s].reward_curve for s in seeds if runs[s].reward_curve]
+    finals = [float(runs[s].row.val_end["geneval/overall"]) for s in seeds]
+    deltas = [runs[s].gain for s in seeds]
+    keys_by_task = runs[seeds[0]].row.keys_by_task
+    boot = bootstrap_gain([runs[s].row.start_shares for s in seeds], [runs[s].row.end_shares for s in seeds],
+                          keys_by_task, resamples)
+    return {
+        "seeds": len(seeds),
+        "steps": min((len(c) for c in curves), default=0),
+        "reward_mean": _mean([statistics.mean(c) for c in curves]),
+        "curve_spread": across_seed_spread(curves) if len(curves) >= 2 else math.nan,
+        "jitter": _mean([step_jitter(c) for c in curves]),
+        "drift": _mean([drift(c) for c in curves]),
+        "final_mean": _mean(finals),
+        "final_std": _std(finals),
+        "final_range": (max(finals) - min(finals)) if len(finals) >= 2 else math.nan,
+        "delta": t_interval(deltas),
+        "delta_std": _std(deltas),
+        "gain_bootstrap": boot,
+    }
 
 
 def _std(values: list[float]) -> float:
@@ -115,66 +197,92 @@ def _mean(values: list[float]) -> float:
     return statistics.mean(values) if values else math.nan
 
 
-def method_stability(study: Path, method: str) -> dict[str, float] | None:
-    """The stability figures of one method (``None`` when it has no finished run)."""
-    curves, finals, deltas, runs = [], [], [], []
-    for run_dir in sorted((study / method.replace(" ", "_")).glob("seed*")):
-        summary_path = run_dir / "summary.json"
-        if not summary_path.exists():
-            continue
-        runs.append(run_dir)
-        summary = json.loads(summary_path.read_text())
-        end = summary.get("val_end", {}).get("geneval/overall")
-        start = summary.get("val_start", {}).get("geneval/overall")
-        if end is not None:
-            finals.append(float(end))
-            if start is not None:
-                deltas.append(float(end) - float(start))
-        curve = read_reward_curve(run_dir)
-        if curve:
-            curves.append(curve)
-    if not curves and not finals:
-        return None
-    interval = gain_interval(runs)
-    return {
-        "gain_ci": interval,
-        "seeds": float(max(len(curves), len(finals))),
-        "steps": float(min((len(c) for c in curves), default=0)),
-        "reward_mean": _mean([statistics.mean(c) for c in curves]),
-        "curve_spread": across_seed_spread(curves) if len(curves) >= 2 else math.nan,
-        "jitter": _mean([step_jitter(c) for c in curves]),
-        "drift": _mean([drift(c) for c in curves]),
-        "final_mean": _mean(finals),
-        "final_std": _std(finals),
-        "final_range": (max(finals) - min(finals)) if len(finals) >= 2 else math.nan,
-        "delta_mean": _mean(deltas),
-        "delta_std": _std(deltas),
-    }
+def _f(v: float, digits: int = 3, sign: bool = False) -> str:
+    return "–" if v is None or math.isnan(v) else (f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}")
 
 
-def render(study: Path, methods: list[str]) -> str:
-    def f(v: float, digits: int = 3, sign: bool = False) -> str:
-        return "–" if v is None or math.isnan(v) else (f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}")
+def _ci(mean: float, half: float, digits: int = 3) -> str:
+    if math.isnan(half):
+        return _f(mean, digits, sign=True)
+    return f"{mean:+.{digits}f} [{mean - half:+.{digits}f}, {mean + half:+.{digits}f}]"
 
+
+def per_method_table(by_method: dict[str, dict[int, MarRun]], methods: list[str], resamples: int) -> str:
     head = ["method", "seeds", "rollout steps", "mean reward", "reward spread across seeds", "step-to-step jitter",
-            "reward drift (last − first third)", "final overall", "final std", "final range", "Δ overall",
-            "Δ std", "gain, 95% bootstrap interval"]
+            "reward drift (last − first third)", "final overall", "final std", "final range",
+            "Δ overall [95% t-CI, prompts fixed]", "Δ std", "Δ, prompts resampled [bootstrap]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
-        s = method_stability(study, m)
-        if s is None:
+        if m not in by_method:
             continue
+        s = method_stability(by_method[m], resamples)
+        point, lo, hi = s["gain_bootstrap"]
         lines.append("| " + " | ".join([
-            m, f"{s['seeds']:.0f}", f"{s['steps']:.0f}", f(s["reward_mean"]), f(s["curve_spread"]), f(s["jitter"]),
-            f(s["drift"], sign=True), f(s["final_mean"]), f(s["final_std"]), f(s["final_range"]),
-            f(s["delta_mean"], sign=True), f(s["delta_std"]),
-            "–" if s["gain_ci"] is None else f"{s['gain_ci'][0]:+.3f} [{s['gain_ci'][1]:+.3f}, {s['gain_ci'][2]:+.3f}]",
+            m, str(s["seeds"]), str(s["steps"]), _f(s["reward_mean"]), _f(s["curve_spread"]), _f(s["jitter"]),
+            _f(s["drift"], sign=True), _f(s["final_mean"]), _f(s["final_std"]), _f(s["final_range"]),
+            _ci(*s["delta"]), _f(s["delta_std"]), f"{point:+.3f} [{lo:+.3f}, {hi:+.3f}]",
         ]) + " |")
     return "\n".join(lines)
 
 
-def write_table(study: Path, methods: list[str], readme: Path) -> str:
-    text = render(study, methods)
+def paired_table(a: dict[int, MarRun], b: dict[int, MarRun], names: tuple[str, str], resamples: int) -> str:
+    """``names[0]`` − ``names[1]`` over the seeds both ran (module docstring)."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return f"(paired comparison: {len(seeds)} common seed(s); it needs 2)"
+    ra, rb = [a[s] for s in seeds], [b[s] for s in seeds]
+    lines = [f"{names[0]} − {names[1]}, paired by seed (seeds {', '.join(map(str, seeds))}):", "",
+             f"| figure | {names[0]} | {names[1]} | difference [95% paired t-CI] or sd ratio [95% F-CI] "
+             "| resolved |", "|---|---|---|---|---|"]
+
+    def diff_line(label: str, va: list[float], vb: list[float], digits: int = 3) -> None:
+        mean, half = t_interval([x - y for x, y in zip(va, vb)])
+        resolved = not math.isnan(half) and (mean - half > 0 or mean + half < 0)
+        lines.append(f"| {label} | {np.mean(va):.{digits}f} | {np.mean(vb):.{digits}f} | {_ci(mean, half, digits)} "
+                     f"| {'yes' if resolved else 'no'} |")
+
+    def ratio_line(label: str, sd_a: float, sd_b: float) -> None:
+        r, lo, hi = std_ratio_interval(sd_a, sd_b, len(seeds) - 1, len(seeds) - 1)
+        lines.append(f"| {label} | {sd_a:.3f} | {sd_b:.3f} | ×{r:.2f} [{lo:.2f}, {hi:.2f}] "
+                     f"| {'yes' if lo > 1 or hi < 1 else 'no'} |")
+
+    diff_line("GenEval Δ overall (prompts fixed)", [r.gain for r in ra], [r.gain for r in rb])
+    point, lo, hi, _ = paired_difference(([r.row.start_shares for r in ra], [r.row.end_shares for r in ra]),
+                                         ([r.row.start_shares for r in rb], [r.row.end_shares for r in rb]),
+                                         ra[0].row.keys_by_task, resamples)
+    lines.append(f"| GenEval Δ overall (prompts resampled, bootstrap) | | | {point:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+                 f"| {'yes' if lo > 0 or hi < 0 else 'no'} |")
+    if all(r.reward_curve for r in ra + rb):
+        ca, cb = [r.reward_curve for r in ra], [r.reward_curve for r in rb]
+        diff_line("mean rollout reward", [statistics.mean(c) for c in ca], [statistics.mean(c) for c in cb])
+        diff_line("step-to-step jitter", [step_jitter(c) for c in ca], [step_jitter(c) for c in cb])
+        diff_line("reward drift (last − first third)", [drift(c) for c in ca], [drift(c) for c in cb])
+        ratio_line("reward-curve spread across seeds (rms over steps of the sd)", rms_spread(ca), rms_spread(cb))
+    finals_a = [float(r.row.val_end["geneval/overall"]) for r in ra]
+    finals_b = [float(r.row.val_end["geneval/overall"]) for r in rb]
+    ratio_line("final-overall spread across seeds (sd)", _std(finals_a), _std(finals_b))
+    for key in FIDELITY:
+        if all(key in r.row.val_end for r in ra + rb):
+            diff_line(f"{key.split('/')[-1]} after training", [float(r.row.val_end[key]) for r in ra],
+                      [float(r.row.val_end[key]) for r in rb], 4 if key == COLOR_DIVERGENCE else 3)
+    warm = ra + rb
+    lines += ["", "Warm start (every run's `val_start`, mean): " + ", ".join(
+        f"{k.split('/')[-1]} {np.mean([float(r.row.val_start[k]) for r in warm if k in r.row.val_start]):.4g}"
+        for k in ("geneval/overall", *FIDELITY) if any(k in r.row.val_start for r in warm)) + "."]
+    return "\n".join(lines)
+
+
+def render(by_method: dict[str, dict[int, MarRun]], methods: list[str] = list(METHODS), resamples: int = 2000) -> str:
+    text = per_method_table(by_method, methods, resamples)
+    if len(methods) == 2 and all(m in by_method for m in methods):
+        text += "\n\n" + paired_table(by_method[methods[0]], by_method[methods[1]], (methods[0], methods[1]),
+                                       resamples)
+    return text
+
+
+def write_table(by_method: dict[str, dict[int, MarRun]], methods: list[str], readme: Path,
+                resamples: int = 2000) -> str:
+    text = render(by_method, methods, resamples)
     if readme.exists():
         doc = readme.read_text()
         if START in doc and END in doc:
@@ -187,13 +295,21 @@ def write_table(study: Path, methods: list[str], readme: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     root = Path(os.environ.get("HTGRPO_ROOT", REPO))
-    ap.add_argument("--study", type=Path, default=root / "logs" / "study_mar")
-    ap.add_argument("--methods", nargs="+", default=["MAR-GRPO", "MAR-GRPO plain"])
+    ap.add_argument("--collect", action="store_true", help="write row files from the finished runs first")
+    ap.add_argument("--study", type=Path, default=root / "logs" / "study_mar", help="run_study's MAR folder")
+    ap.add_argument("--rows", type=Path, default=ROWS_DIR, help="row files (committed)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--readme", type=Path, default=HERE / "README.md")
+    ap.add_argument("--resamples", type=int, default=2000)
     args = ap.parse_args(argv)
-    if not args.study.is_dir():
-        raise SystemExit(f"{args.study}: no study runs (run experiments/shapes_geneval/run_study.py first)")
-    print(write_table(args.study, args.methods, args.readme))
+    if args.collect:
+        if not args.study.is_dir():
+            raise SystemExit(f"{args.study}: no study runs (run experiments/shapes_geneval/run_study.py first)")
+        print(f"collected {len(collect(args.study, args.rows))} runs from {args.study} into {args.rows}")
+    by_method = load_runs(args.rows)
+    if not by_method:
+        raise SystemExit(f"{args.rows}: no run rows (collect them with --collect --study LOG_DIR/study_mar)")
+    print(write_table(by_method, args.methods, args.readme, args.resamples))
     return 0
 
 
