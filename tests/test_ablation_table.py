@@ -24,7 +24,8 @@ def _fake_run(study, method, seed, correct_after: int, divergence=(0.02, 0.04), 
     8 validation images correct after."""
     run = study / method.replace(" ", "_") / f"seed{seed}"
     (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "algorithm": {"beta": 0.01}}))
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "algorithm": {"beta": 0.01},
+                                                                      "benchmark": {"images_per_prompt": 2}}))
     for stage, n_ok in (("start", 0), ("end", correct_after)):
         with open(run / f"val_{stage}_images.jsonl", "w") as fh:
             for i, key in enumerate(KEYS):
@@ -49,6 +50,17 @@ def test_seeds_needed_and_t_interval_by_hand():
     assert math.isnan(ablation.t_interval([0.1])[1])
 
 
+def test_image_noise_variance_by_hand():
+    import numpy as np
+
+    # one task, two prompts at 2 images, shares 0.5 and 1: (0.5 * 0.5 / 1 + 0) / 2**2 = 0.0625
+    assert ablation.image_noise_variance({"colors": np.array([0.5, 1.0])}, 2) == pytest.approx(0.0625)
+    # two tasks: the mean over tasks divides by T**2 = 4
+    two = {"colors": np.array([0.5, 1.0]), "position": np.array([0.5, 0.5])}
+    assert ablation.image_noise_variance(two, 2) == pytest.approx((0.0625 + 0.125) / 4)
+    assert math.isnan(ablation.image_noise_variance(two, 1))
+
+
 def test_table_pairs_rows_with_ht_grpo_by_seed(tmp_path):
     study = tmp_path / "logs" / "ablation"
     for seed, (ht, a0, grpo) in enumerate([(4, 5, 4), (4, 5, 6), (6, 7, 6)]):
@@ -64,9 +76,11 @@ def test_table_pairs_rows_with_ht_grpo_by_seed(tmp_path):
     # alpha 0: every seed exactly +1/8 above HT-GRPO -> half-width 0, 2 seeds suffice; colour divergence 4x the warm's
     a0 = lines["HT-GRPO alpha 0"]
     assert a0[1] == "3" and a0[3].startswith("+0.125 [+0.125, +0.125]") and a0[4].startswith("±0.000 ✓")
-    assert a0[6] == "2" and a0[7].startswith("0.0800 (4.00×)") and a0[9] == "0.250"
+    assert a0[6] == "2" and a0[7] == "–"  # no paired variance to share out
+    assert a0[8].startswith("0.0800 (4.00×)") and a0[10] == "0.250"
     # GRPO: differences 0, +0.25, 0 over the paired seeds 0-2 (seed 7 has no partner): mean +0.083, t half-width 0.359
     grpo = lines["GRPO"]
     assert grpo[1] == "4" and grpo[3].startswith("+0.083 [-0.275, +0.442]") and grpo[4] == "±0.359"
+    assert grpo[7] == "0.00"  # every GRPO / HT-GRPO prompt has 0 or 2 of 2 images correct: no image noise
     assert lines["HT-GRPO"][3] == "–"
     assert "Widest paired half-width (prompts fixed): ±0.359" in text

@@ -18,6 +18,9 @@ Two steps, neither trains nor samples:
      (shown for comparison; it adds the between-prompt spread of the true difference);
    - **seeds for ±0.03**: the smallest n with t(0.975, n − 1) · sd / √n ≤ 0.03 for the measured sd of the paired
      differences (the design's sizing, updated as seeds arrive);
+   - **image-noise share**: the part of the paired variance that is the final evaluations' image sampling
+     (:func:`image_noise_variance` of both runs' end validations over the variance of the differences): near 1,
+     more validation images per prompt would narrow the interval; near 0, only more seeds will;
    - the diversity / fidelity columns of the collapse issue after training: ``diversity/color_divergence`` (lower is
      better) and ``diversity/per_prompt`` (higher), both also as a ratio to the warm start's, ``geneval/colors`` and
      ``diversity/stray_share``, means over seeds. A gain bought by collapse shows here.
@@ -79,6 +82,22 @@ def seeds_needed(sd: float, half_width: float = HALF_WIDTH_TARGET, cap: int = 50
     return None
 
 
+def image_noise_variance(shares: dict[str, np.ndarray], images: int) -> float:
+    """The sampling variance of one evaluation's GenEval overall at ``images`` per prompt, given the policy: overall =
+    (1/T) Σ_t (1/P_t) Σ_p s_tp with s_tp the share of m = ``images`` correct images (Bernoulli(π_tp)), so
+    Var = (1/T²) Σ_t (1/P_t²) Σ_p π_tp(1 − π_tp)/m, estimated without bias by s(1 − s)/(m − 1). E.g. one task, two
+    prompts at 2 images with shares 0.5 and 1: (0.25/1 + 0)/4 = 0.0625."""
+    if images < 2:
+        return math.nan
+    per_task = [float(np.sum(v * (1.0 - v) / (images - 1))) / len(v) ** 2 for v in shares.values()]
+    return float(np.sum(per_task)) / len(per_task) ** 2
+
+
+def images_per_prompt(row: RunRow) -> int:
+    """The run's validation images per prompt (``benchmark.images_per_prompt`` of its config; 0 when absent)."""
+    return int(row.config.get("benchmark", {}).get("images_per_prompt", 0) or 0)
+
+
 def gain(row: RunRow) -> float:
     ones = {t: np.ones(len(k)) for t, k in row.keys_by_task.items()}
     return overall(row.end_shares, ones) - overall(row.start_shares, ones)
@@ -116,9 +135,9 @@ def table(by_method: dict[str, dict[int, RunRow]], resamples: int = 4000) -> str
     warm_div, warm_pp = _mean(warm, "val_start", COLOR_DIVERGENCE), _mean(warm, "val_start", PER_PROMPT)
     lines = [
         "| row | seeds | GenEval gain [95% t-CI] | − HT-GRPO, prompts fixed [95% paired t-CI] | half-width "
-        "| − HT-GRPO, prompts resampled [bootstrap] | seeds for ±0.03 | color_divergence (× warm) "
+        "| − HT-GRPO, prompts resampled [bootstrap] | seeds for ±0.03 | image-noise share | color_divergence (× warm) "
         "| per_prompt (× warm) | colors | stray_share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     worst = 0.0
     for method in order:
@@ -129,7 +148,7 @@ def table(by_method: dict[str, dict[int, RunRow]], resamples: int = 4000) -> str
                                                                                   PER_PROMPT)
         cells = [method, str(len(seeds)), _fmt(mean_gain, half_gain)]
         if method == REFERENCE:
-            cells += ["–", "–", "–", "–"]
+            cells += ["–", "–", "–", "–", "–"]
         else:
             common = [s for s in seeds if s in ref]
             diffs = [gain(rows[s]) - gain(ref[s]) for s in common]
@@ -141,10 +160,17 @@ def table(by_method: dict[str, dict[int, RunRow]], resamples: int = 4000) -> str
                     ([ref[s].start_shares for s in common], [ref[s].end_shares for s in common]),
                     keys_by_task, resamples)
                 need = seeds_needed(float(np.std(diffs, ddof=1)))
+                # how much of the paired variance is the final evaluations' image sampling (the warm start's
+                # evaluation is the same images for both rows of a seed, so it cancels)
+                noise = float(np.mean([image_noise_variance(rows[s].end_shares, images_per_prompt(rows[s]))
+                                       + image_noise_variance(ref[s].end_shares, images_per_prompt(ref[s]))
+                                       for s in common]))
+                share = noise / float(np.var(diffs, ddof=1)) if np.var(diffs, ddof=1) > 0 else math.nan
                 cells += [_fmt(mean_d, half_d), f"±{half_d:.3f}" + (" ✓" if half_d <= HALF_WIDTH_TARGET else ""),
-                          f"{point:+.3f} [{lo:+.3f}, {hi:+.3f}]", str(need) if need else "> 500"]
+                          f"{point:+.3f} [{lo:+.3f}, {hi:+.3f}]", str(need) if need else "> 500",
+                          "–" if math.isnan(share) else f"{share:.2f}"]
             else:
-                cells += [f"{np.mean(diffs):+.3f}" if diffs else "–", "–", "–", "–"]
+                cells += [f"{np.mean(diffs):+.3f}" if diffs else "–", "–", "–", "–", "–"]
         cells += [f"{div:.4f} ({div / warm_div:.2f}×)", f"{pp:.3f} ({pp / warm_pp:.2f}×)",
                   f"{_mean(list(rows.values()), 'val_end', COLORS):.3f}",
                   f"{_mean(list(rows.values()), 'val_end', STRAY):.3f}"]
