@@ -135,9 +135,14 @@ def test_stability_rows_from_runs_then_tables(tmp_path):
     assert s["curve_spread"] == pytest.approx((0.2 + 0.0 + 0.2) / math.sqrt(2) / 3)
     assert s["final_std"] == pytest.approx(0.5 / math.sqrt(2)) and s["final_range"] == pytest.approx(0.5)
     readme = tmp_path / "README.md"
-    readme.write_text(f"a\n{stability.START}\nold\n{stability.END}\nb\n")
+    start, end = stability.markers()
+    readme.write_text(f"a\n{start}\nold\n{end}\nb\n")
     text = stability.write_table(by_method, list(stability.METHODS), readme, resamples=200)
     assert readme.read_text().startswith("a\n") and "old" not in readme.read_text()
+    tagged_start, tagged_end = stability.markers("lr3e-4")
+    readme.write_text(f"{start}\nkept\n{end}\n{tagged_start}\nold\n{tagged_end}\n")
+    stability.write_table(by_method, list(stability.METHODS), readme, resamples=50, tag="lr3e-4")
+    assert "kept" in readme.read_text() and "old" not in readme.read_text()  # only the tagged table was rewritten
     lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     # gains: MAR-GRPO 0.5, 0.5; plain 0, 0 -> paired differences 0.5, 0.5: resolved
     assert "+0.500 [+0.500, +0.500] | yes" in lines["GenEval Δ overall (prompts fixed)"]

@@ -25,10 +25,12 @@ Two steps, like ``ablation_table.py``; neither trains nor samples:
    not independent). A figure is *resolved* when its interval excludes 0 (a ratio: 1).
 
 The tables replace the text between ``<!-- stability-table:start -->`` and ``<!-- stability-table:end -->`` of the
-README (skipped when the markers are absent).
+README (``stability-table-<tag>`` with ``--tag``; skipped when the markers are absent).
 
     python experiments/shapes_geneval/stability.py --collect    # rows from LOG_DIR/study_mar, then the tables
     python experiments/shapes_geneval/stability.py              # the tables from the committed rows
+    python experiments/shapes_geneval/stability.py --collect --study LOG_DIR/study_mar_lr3e-4 \
+        --rows experiments/shapes_geneval/study_mar/runs_lr3e-4 --tag lr3e-4      # another setting, its own table
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ sys.path.insert(0, str(HERE))
 from collapse import COLOR_DIVERGENCE, PER_PROMPT, STRAY, RunRow, collect_run, load_row  # noqa: E402
 from gain import bootstrap_gain, overall, paired_difference, t_interval  # noqa: E402
 
-START, END = "<!-- stability-table:start -->", "<!-- stability-table:end -->"
 REWARD_TAG = "train/reward/mean"
 ROWS_DIR = HERE / "study_mar" / "runs"
 METHODS = ("MAR-GRPO", "MAR-GRPO plain")  # run_study.MAR_METHODS; the first is compared with the second
@@ -280,15 +281,22 @@ def render(by_method: dict[str, dict[int, MarRun]], methods: list[str] = list(ME
     return text
 
 
+def markers(tag: str = "") -> tuple[str, str]:
+    """The README markers of a stability table: ``stability-table`` (the default study) or ``stability-table-<tag>``."""
+    name = f"stability-table-{tag}" if tag else "stability-table"
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
 def write_table(by_method: dict[str, dict[int, MarRun]], methods: list[str], readme: Path,
-                resamples: int = 2000) -> str:
+                resamples: int = 2000, tag: str = "") -> str:
     text = render(by_method, methods, resamples)
+    start, end = markers(tag)
     if readme.exists():
         doc = readme.read_text()
-        if START in doc and END in doc:
-            before, rest = doc.split(START, 1)
-            _, after = rest.split(END, 1)
-            readme.write_text(f"{before}{START}\n{text}\n{END}{after}")
+        if start in doc and end in doc:
+            before, rest = doc.split(start, 1)
+            _, after = rest.split(end, 1)
+            readme.write_text(f"{before}{start}\n{text}\n{end}{after}")
     return text
 
 
@@ -301,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--readme", type=Path, default=HERE / "README.md")
     ap.add_argument("--resamples", type=int, default=2000)
+    ap.add_argument("--tag", default="", help="README markers stability-table-TAG instead of stability-table (another "
+                                              "setting's study, e.g. lr3e-4 with --rows study_mar/runs_lr3e-4)")
     args = ap.parse_args(argv)
     if args.collect:
         if not args.study.is_dir():
@@ -309,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     by_method = load_runs(args.rows)
     if not by_method:
         raise SystemExit(f"{args.rows}: no run rows (collect them with --collect --study LOG_DIR/study_mar)")
-    print(write_table(by_method, args.methods, args.readme, args.resamples))
+    print(write_table(by_method, args.methods, args.readme, args.resamples, args.tag))
     return 0
 
 
