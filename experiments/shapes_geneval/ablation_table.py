@@ -32,7 +32,6 @@ Two steps, neither trains nor samples:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -43,8 +42,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from collapse import COLOR_DIVERGENCE, COLORS, PER_PROMPT, STRAY, RunRow, collect_run, load_row  # noqa: E402
-from gain import overall, paired_difference, t_interval, t_quantile  # noqa: E402
+from collapse import COLOR_DIVERGENCE, COLORS, PER_PROMPT, STRAY, RunRow, collect_rows, load_row, run_gain  # noqa: E402
+from gain import format_interval, paired_difference, t_interval, t_quantile  # noqa: E402
 from make_table import ABLATION_END, ABLATION_START, _replace_between  # noqa: E402
 from run_study import ABLATIONS  # noqa: E402
 
@@ -53,23 +52,9 @@ HALF_WIDTH_TARGET = 0.03  # issue 21: the paired interval of every row against H
 ROWS_DIR = HERE / "ablation" / "runs"
 
 
-def row_file_name(method: str, seed: int) -> str:
-    return f"{method.replace(' ', '_')}_s{seed}.json"
-
-
 def collect(study: Path, rows_dir: Path = ROWS_DIR) -> list[Path]:
     """Write a row file for every finished run under ``study`` (``<row>/seed<k>/summary.json``)."""
-    rows_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for run_dir in sorted(study.glob("*/seed*")):
-        if not (run_dir / "summary.json").exists():
-            continue
-        method = run_dir.parent.name.replace("_", " ")
-        row = collect_run(run_dir, setting=method)
-        path = rows_dir / row_file_name(method, int(row["seed"]))
-        path.write_text(json.dumps(row, indent=1) + "\n")
-        written.append(path)
-    return written
+    return collect_rows(study, rows_dir)
 
 
 def seeds_needed(sd: float, half_width: float = HALF_WIDTH_TARGET, cap: int = 500) -> int | None:
@@ -98,22 +83,10 @@ def images_per_prompt(row: RunRow) -> int:
     return int(row.config.get("benchmark", {}).get("images_per_prompt", 0) or 0)
 
 
-def gain(row: RunRow) -> float:
-    ones = {t: np.ones(len(k)) for t, k in row.keys_by_task.items()}
-    return overall(row.end_shares, ones) - overall(row.start_shares, ones)
-
-
 def _mean(rows: list[RunRow], part: str, key: str) -> float:
     values = [float(getattr(r, part).get(key, math.nan)) for r in rows]
     values = [v for v in values if not math.isnan(v)]
     return float(np.mean(values)) if values else math.nan
-
-
-def _fmt(mean: float, half: float) -> str:
-    """``+m.mmm [+lo, +hi]`` (signed, 3 digits); the mean alone when the half-width is NaN."""
-    if math.isnan(half):
-        return f"{mean:+.3f}"
-    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
 
 
 def load_rows(rows_dir: Path = ROWS_DIR) -> dict[str, dict[int, RunRow]]:
@@ -143,15 +116,15 @@ def table(by_method: dict[str, dict[int, RunRow]], resamples: int = 4000) -> str
     for method in order:
         rows = by_method[method]
         seeds = sorted(rows)
-        mean_gain, half_gain = t_interval([gain(rows[s]) for s in seeds])
+        mean_gain, half_gain = t_interval([run_gain(rows[s]) for s in seeds])
         div, pp = _mean(list(rows.values()), "val_end", COLOR_DIVERGENCE), _mean(list(rows.values()), "val_end",
                                                                                   PER_PROMPT)
-        cells = [method, str(len(seeds)), _fmt(mean_gain, half_gain)]
+        cells = [method, str(len(seeds)), format_interval(mean_gain, half_gain)]
         if method == REFERENCE:
             cells += ["–", "–", "–", "–", "–"]
         else:
             common = [s for s in seeds if s in ref]
-            diffs = [gain(rows[s]) - gain(ref[s]) for s in common]
+            diffs = [run_gain(rows[s]) - run_gain(ref[s]) for s in common]
             if len(diffs) >= 2:
                 mean_d, half_d = t_interval(diffs)
                 worst = max(worst, half_d)
@@ -166,7 +139,7 @@ def table(by_method: dict[str, dict[int, RunRow]], resamples: int = 4000) -> str
                                        + image_noise_variance(ref[s].end_shares, images_per_prompt(ref[s]))
                                        for s in common]))
                 share = noise / float(np.var(diffs, ddof=1)) if np.var(diffs, ddof=1) > 0 else math.nan
-                cells += [_fmt(mean_d, half_d), f"±{half_d:.3f}" + (" ✓" if half_d <= HALF_WIDTH_TARGET else ""),
+                cells += [format_interval(mean_d, half_d), f"±{half_d:.3f}" + (" ✓" if half_d <= HALF_WIDTH_TARGET else ""),
                           f"{point:+.3f} [{lo:+.3f}, {hi:+.3f}]", str(need) if need else "> 500",
                           "–" if math.isnan(share) else f"{share:.2f}"]
             else:

@@ -31,6 +31,7 @@ import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,34 @@ def collect_run(run_dir: Path, setting: str | None) -> dict:
         "end_shares": {t: v.tolist() for t, v in end.items()},
         "config": config,
     }
+
+
+def row_file_name(method: str, seed: int) -> str:
+    return f"{method.replace(' ', '_')}_s{seed}.json"
+
+
+def collect_rows(study: Path, rows_dir: Path, extra: Callable[[Path], dict] | None = None) -> list[Path]:
+    """Write one row file (:func:`collect_run`, plus ``extra(run_dir)``'s keys) per finished run under ``study``
+    (``<method>/seed<k>/summary.json``; the method is the folder name with ``_`` read as a space) into ``rows_dir``."""
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for run_dir in sorted(study.glob("*/seed*")):
+        if not (run_dir / "summary.json").exists():
+            continue
+        method = run_dir.parent.name.replace("_", " ")
+        row = collect_run(run_dir, setting=method)
+        if extra is not None:
+            row.update(extra(run_dir))
+        path = rows_dir / row_file_name(method, int(row["seed"]))
+        path.write_text(json.dumps(row, indent=1) + "\n")
+        written.append(path)
+    return written
+
+
+def run_gain(row: RunRow) -> float:
+    """GenEval overall after minus before, from the row's per-prompt shares of correct images."""
+    ones = {t: np.ones(len(k)) for t, k in row.keys_by_task.items()}
+    return overall(row.end_shares, ones) - overall(row.start_shares, ones)
 
 
 def load_row(path: Path) -> RunRow:

@@ -103,6 +103,13 @@ def t_interval(values: list[float]) -> tuple[float, float]:
     return mean, t_quantile(len(values)) * float(np.std(values, ddof=1)) / float(np.sqrt(len(values)))
 
 
+def format_interval(mean: float, half: float, digits: int = 3) -> str:
+    """``+m [+lo, +hi]`` (signed) for a mean and its half-width; the mean alone when the half-width is NaN."""
+    if half != half:  # NaN
+        return f"{mean:+.{digits}f}"
+    return f"{mean:+.{digits}f} [{mean - half:+.{digits}f}, {mean + half:+.{digits}f}]"
+
+
 def paired_difference(a: tuple[list[dict], list[dict]], b: tuple[list[dict], list[dict]],
                       keys_by_task: dict[str, list[str]], resamples: int, seed: int = 0
                       ) -> tuple[float, float, float, float]:

@@ -49,8 +49,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from collapse import COLOR_DIVERGENCE, PER_PROMPT, STRAY, RunRow, collect_run, load_row  # noqa: E402
-from gain import bootstrap_gain, overall, paired_difference, t_interval  # noqa: E402
+from collapse import COLOR_DIVERGENCE, PER_PROMPT, STRAY, RunRow, collect_rows, load_row, run_gain  # noqa: E402
+from gain import bootstrap_gain, format_interval, paired_difference, t_interval  # noqa: E402
+from make_table import _replace_between  # noqa: E402
 
 REWARD_TAG = "train/reward/mean"
 ROWS_DIR = HERE / "study_mar" / "runs"
@@ -110,29 +111,13 @@ class MarRun:
 
     @property
     def gain(self) -> float:
-        ones = {t: np.ones(len(k)) for t, k in self.row.keys_by_task.items()}
-        return overall(self.row.end_shares, ones) - overall(self.row.start_shares, ones)
-
-
-def row_file_name(method: str, seed: int) -> str:
-    return f"{method.replace(' ', '_')}_s{seed}.json"
+        return run_gain(self.row)
 
 
 def collect(study: Path, rows_dir: Path = ROWS_DIR) -> list[Path]:
-    """Write a row file for every finished run under ``study`` (``<method>/seed<k>/summary.json``; ``MAR_base``, the
-    DPG scores of the warm start, is not a run)."""
-    rows_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for run_dir in sorted(study.glob("*/seed*")):
-        if run_dir.parent.name == "MAR_base" or not (run_dir / "summary.json").exists():
-            continue
-        method = run_dir.parent.name.replace("_", " ")
-        row = collect_run(run_dir, setting=method)
-        row["reward_curve"] = read_reward_curve(run_dir)
-        path = rows_dir / row_file_name(method, int(row["seed"]))
-        path.write_text(json.dumps(row, indent=1) + "\n")
-        written.append(path)
-    return written
+    """Write a row file, with its reward curve, for every finished run under ``study`` (``<method>/seed<k>/``;
+    ``MAR_base``, the warm start's DPG scores, has no ``summary.json`` and is not a run)."""
+    return collect_rows(study, rows_dir, extra=lambda run_dir: {"reward_curve": read_reward_curve(run_dir)})
 
 
 def load_runs(rows_dir: Path = ROWS_DIR) -> dict[str, dict[int, MarRun]]:
@@ -202,12 +187,6 @@ def _f(v: float, digits: int = 3, sign: bool = False) -> str:
     return "–" if v is None or math.isnan(v) else (f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}")
 
 
-def _ci(mean: float, half: float, digits: int = 3) -> str:
-    if math.isnan(half):
-        return _f(mean, digits, sign=True)
-    return f"{mean:+.{digits}f} [{mean - half:+.{digits}f}, {mean + half:+.{digits}f}]"
-
-
 def per_method_table(by_method: dict[str, dict[int, MarRun]], methods: list[str], resamples: int) -> str:
     head = ["method", "seeds", "rollout steps", "mean reward", "reward spread across seeds", "step-to-step jitter",
             "reward drift (last − first third)", "final overall", "final std", "final range",
@@ -221,7 +200,7 @@ def per_method_table(by_method: dict[str, dict[int, MarRun]], methods: list[str]
         lines.append("| " + " | ".join([
             m, str(s["seeds"]), str(s["steps"]), _f(s["reward_mean"]), _f(s["curve_spread"]), _f(s["jitter"]),
             _f(s["drift"], sign=True), _f(s["final_mean"]), _f(s["final_std"]), _f(s["final_range"]),
-            _ci(*s["delta"]), _f(s["delta_std"]), f"{point:+.3f} [{lo:+.3f}, {hi:+.3f}]",
+            format_interval(*s["delta"]), _f(s["delta_std"]), f"{point:+.3f} [{lo:+.3f}, {hi:+.3f}]",
         ]) + " |")
     return "\n".join(lines)
 
@@ -239,7 +218,7 @@ def paired_table(a: dict[int, MarRun], b: dict[int, MarRun], names: tuple[str, s
     def diff_line(label: str, va: list[float], vb: list[float], digits: int = 3) -> None:
         mean, half = t_interval([x - y for x, y in zip(va, vb)])
         resolved = not math.isnan(half) and (mean - half > 0 or mean + half < 0)
-        lines.append(f"| {label} | {np.mean(va):.{digits}f} | {np.mean(vb):.{digits}f} | {_ci(mean, half, digits)} "
+        lines.append(f"| {label} | {np.mean(va):.{digits}f} | {np.mean(vb):.{digits}f} | {format_interval(mean, half, digits)} "
                      f"| {'yes' if resolved else 'no'} |")
 
     def ratio_line(label: str, sd_a: float, sd_b: float) -> None:
@@ -291,12 +270,9 @@ def write_table(by_method: dict[str, dict[int, MarRun]], methods: list[str], rea
                 resamples: int = 2000, tag: str = "") -> str:
     text = render(by_method, methods, resamples)
     start, end = markers(tag)
-    if readme.exists():
-        doc = readme.read_text()
-        if start in doc and end in doc:
-            before, rest = doc.split(start, 1)
-            _, after = rest.split(end, 1)
-            readme.write_text(f"{before}{start}\n{text}\n{end}{after}")
+    doc = readme.read_text() if readme.exists() else ""
+    if start in doc and end in doc:
+        readme.write_text(_replace_between(doc, start, end, text))
     return text
 
 
